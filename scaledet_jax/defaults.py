@@ -1,0 +1,92 @@
+"""The shared base config; every file in configs/ is a small override of ``get_config()``.
+
+Defaults are TF Model Garden's ``retinanet_spinenet_coco`` recipe (SpineNet-49, 640 input,
+batch 256, SGD 0.9, lr 0.32 stepped x0.1 at epochs 475/490 of 500, warmup 2000 steps,
+scale jitter 0.1-2.0, weight decay 4e-5, sync BN, swish, stochastic depth 0.2).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+COCO_TRAIN_EXAMPLES = 118287
+COCO_VAL_EXAMPLES = 5000
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # ---- model -------------------------------------------------------------------------------
+    model = config.model = ml_collections.ConfigDict()
+    model.name = "retinanet"
+    model.num_classes = 91  # COCO category ids 1..90 plus background slot 0, as Model Garden
+    model.image_size = 640  # square input; must be a multiple of 2**max_level
+    model.min_level = 3
+    model.max_level = 7
+    model.activation = "swish"
+    model.dtype = "float32"  # compute dtype; 'bfloat16' keeps float32 parameters
+    model.conv_padding = "same"  # TF 'SAME'; 'symmetric' for PyTorch-trained weights
+    model.pool_padding = "same"
+    model.norm = ml_collections.ConfigDict(dict(momentum=0.99, epsilon=1e-3))
+    model.backbone = ml_collections.ConfigDict(
+        dict(name="spinenet", model_id="49", stochastic_depth_rate=0.2, endpoint_activation=True)
+    )
+    model.head = ml_collections.ConfigDict(dict(num_convs=4, num_filters=256))
+    model.anchor = ml_collections.ConfigDict(
+        dict(num_scales=3, aspect_ratios=[0.5, 1.0, 2.0], anchor_size=3.0)
+    )
+    model.detection = ml_collections.ConfigDict(
+        dict(pre_nms_top_k=5000, score_threshold=0.05, nms_iou_threshold=0.5, max_detections=100)
+    )
+
+    # ---- losses ------------------------------------------------------------------------------
+    config.loss = ml_collections.ConfigDict(
+        dict(
+            focal_alpha=0.25,
+            focal_gamma=1.5,
+            huber_delta=0.1,
+            box_loss_weight=50.0,
+            l2_weight_decay=4e-5,
+            match_threshold=0.5,
+            unmatched_threshold=0.5,
+        )
+    )
+
+    # ---- data --------------------------------------------------------------------------------
+    data = config.data = ml_collections.ConfigDict()
+    data.source = "tfds"  # 'tfds' (coco/2017), 'coco_folder' or 'synthetic'
+    data.tfds_name = "coco/2017"
+    data.tfds_data_dir = ""  # '' = the tfds default (~/tensorflow_datasets)
+    data.coco_folder = ""  # images/ + annotations/instances_*.json, for data.source='coco_folder'
+    data.train_split = "train"
+    data.eval_split = "validation"
+    data.train_batch_size = 256
+    data.eval_batch_size = 8
+    data.max_instances = 100
+    data.aug_rand_hflip = True
+    data.aug_scale_min = 0.1
+    data.aug_scale_max = 2.0
+    data.num_train_examples = COCO_TRAIN_EXAMPLES
+    data.num_eval_examples = COCO_VAL_EXAMPLES
+
+    # ---- optimisation ------------------------------------------------------------------------
+    optim = config.optim = ml_collections.ConfigDict()
+    optim.optimizer = "sgd"
+    optim.momentum = 0.9
+    optim.base_learning_rate = 0.32  # at batch 256; scaled linearly with train_batch_size
+    optim.schedule = "stepwise"  # 'stepwise' or 'cosine'
+    optim.decay_epochs = [475, 490]
+    optim.decay_factor = 0.1
+    optim.warmup_steps = 2000
+    optim.warmup_learning_rate = 0.0067
+    optim.gradient_clip_norm = 0.0  # 0 = off
+    optim.ema_decay = 0.0  # 0 = off; e.g. 0.9998 for EfficientDet
+
+    # ---- schedule of the run -----------------------------------------------------------------
+    config.num_epochs = 500
+    config.seed = 0
+    config.log_every_steps = 100
+    config.checkpoint_every_steps = 462  # one COCO epoch at batch 256
+    config.keep_checkpoints = 3
+    config.eval_every_steps = 462
+    return config

@@ -1,0 +1,173 @@
+"""Building blocks shared by every architecture: conv, batch norm, activations, pooling.
+
+Semantic differences between the sources we track are options here, never copies of a model:
+
+* ``padding='same'`` reproduces TensorFlow's 'SAME' (extra pixel at the bottom/right when the
+  total padding is odd); ``padding='symmetric'`` reproduces PyTorch's ``padding=k // 2``
+  (equal on both sides), which is what converted PyTorch checkpoints need for parity.
+* Batch norm momentum/epsilon follow Keras semantics (``new = m * old + (1 - m) * batch``), which
+  is also Flax's; PyTorch's momentum 0.1 is Keras' 0.9.
+
+Inside ``jax.jit`` over a sharded batch, batch statistics are computed over the *global* batch,
+so ``BatchNorm`` is cross-replica ("sync") batch norm without any axis name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+# Keras 'VarianceScaling' default: scale 1, fan_in, truncated normal (TF Model Garden backbones).
+keras_variance_scaling = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+PADDINGS = ("same", "symmetric")
+
+
+def _check_padding(padding: str) -> None:
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+
+
+def conv_padding(kernel_size: int, dilation: int, padding: str) -> str | Sequence[tuple[int, int]]:
+    """The lax padding spec for a square kernel under the given semantics."""
+    _check_padding(padding)
+    if padding == "same":
+        return "SAME"
+    pad = (kernel_size - 1) * dilation // 2
+    return ((pad, pad), (pad, pad))
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+    """Activation by name: 'relu', 'swish' (= SiLU), 'linear'/'none'."""
+    if name == "relu":
+        return nn.relu
+    if name in ("swish", "silu"):
+        return nn.swish
+    if name in ("linear", "none", None):
+        return lambda x: x
+    raise ValueError(f"unknown activation {name!r}; use 'relu' or 'swish'")
+
+
+def conv(
+    features: int,
+    kernel_size: int = 1,
+    strides: int = 1,
+    dilation: int = 1,
+    *,
+    use_bias: bool = False,
+    padding: str = "same",
+    groups: int = 1,
+    kernel_init: Callable = keras_variance_scaling,
+    bias_init: Callable = nn.initializers.zeros,
+    dtype: Dtype | None = None,
+    name: str | None = None,
+) -> nn.Conv:
+    """A square 2-D convolution (NHWC input, HWIO kernel as in Keras) with the given padding."""
+    return nn.Conv(
+        features=features,
+        kernel_size=(kernel_size, kernel_size),
+        strides=(strides, strides),
+        kernel_dilation=(dilation, dilation),
+        padding=conv_padding(kernel_size, dilation, padding),
+        feature_group_count=groups,
+        use_bias=use_bias,
+        kernel_init=kernel_init,
+        bias_init=bias_init,
+        dtype=dtype,
+        name=name,
+    )
+
+
+def batch_norm(
+    momentum: float = 0.99,
+    epsilon: float = 1e-3,
+    *,
+    dtype: Dtype | None = None,
+    name: str | None = None,
+) -> nn.BatchNorm:
+    """Batch norm with Keras momentum/epsilon semantics; parameters and statistics in float32.
+
+    Call it as ``batch_norm(...)(x, use_running_average=not train)``.
+    """
+    return nn.BatchNorm(
+        momentum=momentum, epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, name=name
+    )
+
+
+def max_pool(x: Array, window: int, stride: int, padding: str = "same") -> Array:
+    """Max pooling. 'same' is TF 'SAME'; 'symmetric' pads window // 2 on both sides.
+
+    Padded positions never win (-inf), as in both TF and PyTorch.
+    """
+    _check_padding(padding)
+    if padding == "same":
+        pad: str | Sequence[tuple[int, int]] = "SAME"
+    else:
+        pad = ((window // 2, window // 2), (window // 2, window // 2))
+    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pad)
+
+
+def nearest_upsample(x: Array, scale: int) -> Array:
+    """Nearest-neighbour upsampling by an integer factor (NHWC)."""
+    if scale == 1:
+        return x
+    x = jnp.repeat(x, scale, axis=1)
+    return jnp.repeat(x, scale, axis=2)
+
+
+class StochasticDepth(nn.Module):
+    """Drops the whole residual branch per example with probability ``rate`` when training.
+
+    Kept examples are scaled by 1 / (1 - rate), as in TF Model Garden. Uses the 'dropout' RNG.
+    """
+
+    rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        if not train or not self.rate:
+            return x
+        keep = 1.0 - self.rate
+        rng = self.make_rng("dropout")
+        mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class ConvBN(nn.Module):
+    """Conv -> batch norm -> optional activation; submodules named ``conv`` and ``bn``."""
+
+    features: int
+    kernel_size: int = 1
+    strides: int = 1
+    dilation: int = 1
+    activation: str | None = None
+    padding: str = "same"
+    bn_momentum: float = 0.99
+    bn_epsilon: float = 1e-3
+    kernel_init: Callable = keras_variance_scaling
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        x = conv(
+            self.features,
+            self.kernel_size,
+            self.strides,
+            self.dilation,
+            padding=self.padding,
+            kernel_init=self.kernel_init,
+            dtype=self.dtype,
+            name="conv",
+        )(x)
+        x = batch_norm(self.bn_momentum, self.bn_epsilon, dtype=self.dtype, name="bn")(
+            x, use_running_average=not train
+        )
+        if self.activation:
+            x = get_activation(self.activation)(x)
+        return x

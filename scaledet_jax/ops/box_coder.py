@@ -1,0 +1,46 @@
+"""Box encoding relative to anchors (the Faster R-CNN / RetinaNet coder of TF Model Garden).
+
+Boxes and anchors are [..., 4] as [ymin, xmin, ymax, xmax]; codes are [ty, tx, th, tw], optionally
+multiplied by per-coordinate ``weights`` (None for RetinaNet, (10, 10, 5, 5) for Faster R-CNN).
+Works on NumPy and jax arrays alike.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax.numpy as jnp
+
+EPSILON = 1e-8  # added to sizes when encoding, as the TF coder does
+BBOX_XFORM_CLIP = math.log(1000.0 / 16.0)  # largest log-scale change accepted when decoding
+
+
+def _center_size(boxes):
+    ymin, xmin, ymax, xmax = (boxes[..., i] for i in range(4))
+    h, w = ymax - ymin, xmax - xmin
+    return ymin + 0.5 * h, xmin + 0.5 * w, h, w
+
+
+def encode_boxes(boxes, anchors, weights: Sequence[float] | None = None):
+    """Encodes ``boxes`` against ``anchors`` (broadcastable) into [ty, tx, th, tw]."""
+    yc, xc, h, w = _center_size(boxes)
+    yca, xca, ha, wa = _center_size(anchors)
+    ha, wa, h, w = ha + EPSILON, wa + EPSILON, h + EPSILON, w + EPSILON
+    codes = [(yc - yca) / ha, (xc - xca) / wa, jnp.log(h / ha), jnp.log(w / wa)]
+    if weights is not None:
+        codes = [c * wt for c, wt in zip(codes, weights)]
+    return jnp.stack(codes, axis=-1)
+
+
+def decode_boxes(codes, anchors, weights: Sequence[float] | None = None):
+    """Inverse of :func:`encode_boxes`; log-size changes are clipped at log(1000 / 16)."""
+    ty, tx, th, tw = (codes[..., i] for i in range(4))
+    if weights is not None:
+        ty, tx, th, tw = ty / weights[0], tx / weights[1], th / weights[2], tw / weights[3]
+    th, tw = jnp.minimum(th, BBOX_XFORM_CLIP), jnp.minimum(tw, BBOX_XFORM_CLIP)
+    yca, xca, ha, wa = _center_size(anchors)
+    yc, xc = ty * ha + yca, tx * wa + xca
+    h, w = jnp.exp(th) * ha, jnp.exp(tw) * wa
+    ymin, xmin = yc - 0.5 * h, xc - 0.5 * w
+    return jnp.stack([ymin, xmin, ymin + h, xmin + w], axis=-1)

@@ -1,0 +1,19 @@
+"""Test-session setup.
+
+* Importing triton (pulled in by torch/torchvision/timm/effdet) after TensorFlow segfaults the
+  process, so the torch stack is imported first, before any test module imports TensorFlow.
+* Nothing is downloaded: hub access is switched off for the random-init reference models.
+* TensorFlow stays on the host CPU and quiet.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TF/torch never grab an accelerator in tests
+
+try:  # noqa: SIM105 - the import order is the point
+    import torch  # noqa: F401
+    import torchvision  # noqa: F401
+except ImportError:  # runtime-only install: parity tests against torch skip themselves
+    pass

@@ -1,0 +1,114 @@
+"""Building blocks against TensorFlow ('SAME') and PyTorch (symmetric) oracles."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from scaledet_jax import nn as snn
+
+
+def _apply(module, x, **kw):
+    variables = module.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, **kw)
+    return module.apply(variables, x, **kw), variables
+
+
+@pytest.mark.parametrize("size", [15, 16])
+@pytest.mark.parametrize("kernel,stride,dilation", [(3, 1, 1), (3, 2, 1), (7, 2, 1), (1, 2, 1), (3, 1, 2)])
+def test_conv_same_matches_tensorflow(size, kernel, stride, dilation):
+    import tensorflow as tf
+
+    x = np.random.RandomState(0).randn(2, size, size, 5).astype(np.float32)
+    y, variables = _apply(snn.conv(6, kernel, stride, dilation, padding="same"), jnp.asarray(x))
+    kernel_value = np.asarray(variables["params"]["kernel"])
+    ref = tf.nn.conv2d(x, kernel_value, strides=stride, padding="SAME", dilations=dilation).numpy()
+    assert y.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [15, 16])
+@pytest.mark.parametrize("kernel,stride,dilation", [(3, 1, 1), (3, 2, 1), (7, 2, 1), (3, 1, 2)])
+def test_conv_symmetric_matches_pytorch(size, kernel, stride, dilation):
+    x = np.random.RandomState(1).randn(2, size, size, 4).astype(np.float32)
+    y, variables = _apply(snn.conv(3, kernel, stride, dilation, padding="symmetric", use_bias=True), jnp.asarray(x))
+    w = np.asarray(variables["params"]["kernel"]).transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    b = np.asarray(variables["params"]["bias"])
+    ref = F.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(w), torch.from_numpy(b),
+                   stride=stride, padding=(kernel - 1) * dilation // 2, dilation=dilation)
+    np.testing.assert_allclose(np.asarray(y), ref.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+
+
+def test_same_and_symmetric_differ_for_strided_conv():
+    # The reason padding is a model option: on even inputs a strided 3x3 conv sees different pixels.
+    x = jnp.asarray(np.random.RandomState(2).randn(1, 8, 8, 2).astype(np.float32))
+    same, v = _apply(snn.conv(2, 3, 2, padding="same"), x)
+    sym = snn.conv(2, 3, 2, padding="symmetric").apply(v, x)
+    assert same.shape == sym.shape
+    assert float(jnp.max(jnp.abs(same - sym))) > 1e-2
+
+
+@pytest.mark.parametrize("size", [9, 10])
+def test_max_pool_paddings(size):
+    import tensorflow as tf
+
+    x = np.random.RandomState(3).randn(2, size, size, 3).astype(np.float32) - 5.0  # all negative: pads must never win
+    same = snn.max_pool(jnp.asarray(x), 3, 2, "same")
+    np.testing.assert_array_equal(np.asarray(same), tf.nn.max_pool2d(x, 3, 2, "SAME").numpy())
+    sym = snn.max_pool(jnp.asarray(x), 3, 2, "symmetric")
+    ref = F.max_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), 3, 2, padding=1).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(np.asarray(sym), ref)
+
+
+def test_batch_norm_inference_and_update():
+    x = jnp.asarray(np.random.RandomState(4).randn(8, 4, 4, 3).astype(np.float32) * 3 + 1)
+    bn = snn.batch_norm(0.9, 1e-3)
+    variables = bn.init(jax.random.key(0), x, use_running_average=False)
+    variables = {
+        "params": {"scale": jnp.array([1.0, 2.0, 0.5]), "bias": jnp.array([0.0, 1.0, -1.0])},
+        "batch_stats": {"mean": jnp.array([0.5, -0.5, 1.0]), "var": jnp.array([2.0, 1.0, 4.0])},
+    }
+    y = bn.apply(variables, x, use_running_average=True)
+    p, s = variables["params"], variables["batch_stats"]
+    ref = (x - s["mean"]) / jnp.sqrt(s["var"] + 1e-3) * p["scale"] + p["bias"]
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+    _, updates = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    batch_mean = np.asarray(x).mean(axis=(0, 1, 2))
+    batch_var = np.asarray(x).var(axis=(0, 1, 2))
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.9 * np.asarray(s["mean"]) + 0.1 * batch_mean, rtol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["var"], 0.9 * np.asarray(s["var"]) + 0.1 * batch_var, rtol=1e-5)
+
+
+def test_activations():
+    x = jnp.linspace(-4, 4, 17)
+    np.testing.assert_allclose(snn.get_activation("relu")(x), np.maximum(np.asarray(x), 0))
+    np.testing.assert_allclose(snn.get_activation("swish")(x), np.asarray(x) / (1 + np.exp(-np.asarray(x))), rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown activation"):
+        snn.get_activation("gelu_tanh_fancy")
+
+
+def test_nearest_upsample():
+    x = jnp.arange(4.0).reshape(1, 2, 2, 1)
+    y = snn.nearest_upsample(x, 2)[0, :, :, 0]
+    np.testing.assert_array_equal(np.asarray(y), [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
+
+
+def test_stochastic_depth():
+    x = jnp.ones((4000, 2, 2, 1))
+    layer = snn.StochasticDepth(0.25)
+    assert layer.apply({}, x, train=False) is x
+    y = layer.apply({}, x, train=True, rngs={"dropout": jax.random.key(0)})
+    per_example = np.asarray(y[:, 0, 0, 0])
+    assert set(np.unique(per_example)) <= {0.0, 1.0 / 0.75}  # whole examples dropped or rescaled
+    assert np.all(np.asarray(y) == per_example[:, None, None, None])
+    assert abs((per_example == 0).mean() - 0.25) < 0.03
+    assert abs(float(y.mean()) - 1.0) < 0.05  # expectation preserved
+
+
+def test_bad_padding_is_refused():
+    with pytest.raises(ValueError, match="padding must be one of"):
+        snn.conv(4, 3, padding="valid")
