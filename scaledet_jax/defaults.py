@@ -32,9 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
         dict(name="spinenet", model_id="49", stochastic_depth_rate=0.2, endpoint_activation=True)
     )
     model.head = ml_collections.ConfigDict(dict(num_convs=4, num_filters=256))
-    model.anchor = ml_collections.ConfigDict(
-        dict(num_scales=3, aspect_ratios=[0.5, 1.0, 2.0], anchor_size=3.0)
-    )
+    model.anchor = ml_collections.ConfigDict(dict(num_scales=3, aspect_ratios=[0.5, 1.0, 2.0], anchor_size=3.0))
     model.detection = ml_collections.ConfigDict(
         dict(pre_nms_top_k=5000, score_threshold=0.05, nms_iou_threshold=0.5, max_detections=100)
     )

@@ -14,7 +14,8 @@ so ``BatchNorm`` is cross-replica ("sync") batch norm without any axis name.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -95,9 +96,7 @@ def batch_norm(
 
     Call it as ``batch_norm(...)(x, use_running_average=not train)``.
     """
-    return nn.BatchNorm(
-        momentum=momentum, epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, name=name
-    )
+    return nn.BatchNorm(momentum=momentum, epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 def max_pool(x: Array, window: int, stride: int, padding: str = "same") -> Array:
@@ -165,9 +164,7 @@ class ConvBN(nn.Module):
             dtype=self.dtype,
             name="conv",
         )(x)
-        x = batch_norm(self.bn_momentum, self.bn_epsilon, dtype=self.dtype, name="bn")(
-            x, use_running_average=not train
-        )
+        x = batch_norm(self.bn_momentum, self.bn_epsilon, dtype=self.dtype, name="bn")(x, use_running_average=not train)
         if self.activation:
             x = get_activation(self.activation)(x)
         return x

@@ -7,8 +7,14 @@ import numpy as np
 from scaledet_jax.convert import model_garden as mg
 
 
-def build_retinanet_spinenet(model_id: str, image_size: int, head_filters: int, num_classes: int = 91,
-                             head_convs: int = 4, activation: str = "swish"):
+def build_retinanet_spinenet(
+    model_id: str,
+    image_size: int,
+    head_filters: int,
+    num_classes: int = 91,
+    head_convs: int = 4,
+    activation: str = "swish",
+):
     """Model Garden's ``retinanet_spinenet_coco`` model; returns (keras model, owned units in order)."""
     import tf_keras
     from official.core import exp_factory
@@ -50,9 +56,13 @@ def randomize(units, seed: int = 0) -> None:
                 values.append(rng.normal(0.0, 0.1, unit.variables[1].shape))
         else:
             shape = unit.variables[0].shape
-            values = [rng.uniform(0.6, 1.0, shape), rng.normal(0.0, 0.1, shape),
-                      rng.normal(0.0, 0.1, shape), rng.uniform(0.8, 1.2, shape)]
-        for variable, value in zip(unit.variables, values):
+            values = [
+                rng.uniform(0.6, 1.0, shape),
+                rng.normal(0.0, 0.1, shape),
+                rng.normal(0.0, 0.1, shape),
+                rng.uniform(0.8, 1.2, shape),
+            ]
+        for variable, value in zip(unit.variables, values, strict=True):
             variable.assign(value.astype(np.float32))
 
 
@@ -62,3 +72,20 @@ def raw_outputs(model, images: np.ndarray):
     scores, boxes, _ = model.head(features, training=False)
     to_np = lambda d: {int(k): v.numpy() for k, v in d.items()}  # noqa: E731
     return to_np(features), to_np(scores), to_np(boxes)
+
+
+def tf_profiler_multiply_adds(model, image_size: int) -> float:
+    """Multiply-adds of the Keras model's inference forward (backbone + head), by TF's profiler."""
+    import tensorflow as tf
+    from tensorflow.python.profiler import model_analyzer, option_builder
+
+    @tf.function
+    def forward(images):
+        features = model.backbone(images, training=False)
+        scores, boxes, _ = model.head(features, training=False)
+        return scores, boxes
+
+    graph = forward.get_concrete_function(tf.TensorSpec([1, image_size, image_size, 3], tf.float32)).graph
+    options = option_builder.ProfileOptionBuilder(option_builder.ProfileOptionBuilder.float_operation())
+    result = model_analyzer.profile(graph, options=options.with_empty_output().build())
+    return result.total_float_ops / 2.0

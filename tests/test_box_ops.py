@@ -23,7 +23,7 @@ def numpy_reference_anchors(level, num_scales, ratios, anchor_size, image_size):
                 for r in ratios:
                     size = anchor_size * 2**level * 2 ** (s / num_scales)
                     ah, aw = size / math.sqrt(r), size * math.sqrt(r)
-                    out[i, j, 4 * k:4 * k + 4] = [cy - ah / 2, cx - aw / 2, cy + ah / 2, cx + aw / 2]
+                    out[i, j, 4 * k : 4 * k + 4] = [cy - ah / 2, cx - aw / 2, cy + ah / 2, cx + aw / 2]
                     k += 1
     return out
 
@@ -56,9 +56,10 @@ def test_flatten_levels_order():
     np.testing.assert_array_equal(flat[9], per_level[3][1, 1])
 
 
-def _random_boxes(rng, n, size=500.0):
+def _random_boxes(rng, n, size=500.0, min_side=8.0):
+    # Sides within 31x of each other stay inside the decoder's log(1000 / 16) size clip.
     yx = rng.uniform(0, size, (n, 2))
-    hw = rng.uniform(2, size / 2, (n, 2))
+    hw = rng.uniform(min_side, size / 2, (n, 2))
     return np.concatenate([yx, yx + hw], axis=1).astype(np.float32)
 
 
@@ -71,6 +72,13 @@ def test_box_coder_round_trip(weights):
     np.testing.assert_allclose(decoded, boxes, atol=1e-3)
 
 
+def test_decode_clips_huge_size_changes():
+    anchors = np.array([[0.0, 0.0, 10.0, 10.0]], np.float32)
+    decoded = np.asarray(box_coder.decode_boxes(np.array([[0.0, 0.0, 20.0, 1.0]], np.float32), anchors))
+    np.testing.assert_allclose(decoded[0, 2] - decoded[0, 0], 10.0 * 1000.0 / 16.0, rtol=1e-5)
+    np.testing.assert_allclose(decoded[0, 3] - decoded[0, 1], 10.0 * np.e, rtol=1e-5)
+
+
 def test_box_coder_matches_model_garden():
     import tensorflow as tf
     from official.vision.ops import box_ops
@@ -78,8 +86,11 @@ def test_box_coder_matches_model_garden():
 
     rng = np.random.RandomState(1)
     boxes, anchors = _random_boxes(rng, 500), _random_boxes(rng, 500)
-    ref = faster_rcnn_box_coder.FasterRcnnBoxCoder().encode(box_list.BoxList(tf.constant(boxes)),
-                                                             box_list.BoxList(tf.constant(anchors))).numpy()
+    ref = (
+        faster_rcnn_box_coder.FasterRcnnBoxCoder()
+        .encode(box_list.BoxList(tf.constant(boxes)), box_list.BoxList(tf.constant(anchors)))
+        .numpy()
+    )
     np.testing.assert_allclose(np.asarray(box_coder.encode_boxes(boxes, anchors)), ref, rtol=1e-5, atol=1e-5)
 
     codes = rng.randn(500, 4).astype(np.float32)

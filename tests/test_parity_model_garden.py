@@ -7,18 +7,16 @@ with PyTorch-style symmetric max pooling) must disagree, which shows the compari
 The same builds are the oracle for the trainable-parameter counts.
 """
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+from configs_util import load_config
+from model_garden import build_retinanet_spinenet, randomize, raw_outputs
 
 from scaledet_jax.convert import model_garden as mg
 from scaledet_jax.models import build_model
 from scaledet_jax.tools import profile
-
-from configs_util import load_config
-from model_garden import build_retinanet_spinenet, randomize, raw_outputs
 
 TOLERANCE = 1e-4
 
@@ -50,8 +48,16 @@ def pair(request):
     randomize(units)
     images = np.random.RandomState(7).normal(0, 1, (2, size, size, 3)).astype(np.float32)
     model = build_model(config.model)
-    return dict(config=config, keras=keras_model, units=units, model=model, size=size, images=images,
-                variables=_flax_variables(model, units, size), reference=raw_outputs(keras_model, images))
+    return dict(
+        config=config,
+        keras=keras_model,
+        units=units,
+        model=model,
+        size=size,
+        images=images,
+        variables=_flax_variables(model, units, size),
+        reference=raw_outputs(keras_model, images),
+    )
 
 
 def test_trainable_parameter_counts_equal(pair):
@@ -64,7 +70,7 @@ def test_trainable_parameter_counts_equal(pair):
 def test_outputs_match_model_garden(pair):
     ours = _forward(pair["model"], pair["variables"], pair["images"])
     worst = {}
-    for name, got, ref in zip(("endpoint", "class", "box"), ours, pair["reference"]):
+    for name, got, ref in zip(("endpoint", "class", "box"), ours, pair["reference"], strict=True):
         assert sorted(got) == sorted(ref) == [3, 4, 5, 6, 7]
         for level in ref:
             assert got[level].shape == ref[level].shape, (name, level)
@@ -74,8 +80,10 @@ def test_outputs_match_model_garden(pair):
             assert diff <= TOLERANCE, f"{name} level {level}: max abs diff {diff:.2e} (max |ref| {scale:.2f})"
             worst[name] = max(worst.get(name, 0.0), diff)
     # Shown with `pytest -s`; the README quotes these numbers.
-    print(f"\nparity {pair['config'].model.backbone.model_id}@{pair['size']}: max abs diff "
-          + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+    print(
+        f"\nparity {pair['config'].model.backbone.model_id}@{pair['size']}: max abs diff "
+        + ", ".join(f"{k} {v:.1e}" for k, v in worst.items())
+    )
 
 
 def test_negative_control_symmetric_pooling_disagrees(pair):
@@ -84,7 +92,7 @@ def test_negative_control_symmetric_pooling_disagrees(pair):
     model = build_model(config.model)
     _, scores, boxes = _forward(model, _flax_variables(model, pair["units"], pair["size"]), pair["images"])
     _, ref_scores, ref_boxes = pair["reference"]
-    diff = max(float(np.abs(np.asarray(scores[l]) - ref_scores[l]).max()) for l in ref_scores)
+    diff = max(float(np.abs(np.asarray(scores[lv]) - ref_scores[lv]).max()) for lv in ref_scores)
     assert diff > 100 * TOLERANCE
 
 

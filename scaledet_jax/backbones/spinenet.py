@@ -12,7 +12,8 @@ integer size, as in the Model Garden recipes (640, 1024, 1280).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -275,7 +276,7 @@ class SpineNet(nn.Module):
     dtype: Any = None
 
     @classmethod
-    def from_model_id(cls, model_id: str, **kwargs: Any) -> "SpineNet":
+    def from_model_id(cls, model_id: str, **kwargs: Any) -> SpineNet:
         if model_id not in SCALING_MAP:
             raise ValueError(f"unknown SpineNet variant {model_id!r}; choose from {sorted(SCALING_MAP)}")
         return cls(**SCALING_MAP[model_id], **kwargs)
@@ -347,8 +348,8 @@ class SpineNet(nn.Module):
 
         endpoint_act = self.activation if self.endpoint_activation else None
         return {
-            level: snn.ConvBN(
-                self.endpoints_num_filters, 1, activation=endpoint_act, name=f"endpoint_{level}", **kw
-            )(outputs[level], train)
+            level: snn.ConvBN(self.endpoints_num_filters, 1, activation=endpoint_act, name=f"endpoint_{level}", **kw)(
+                outputs[level], train
+            )
             for level in range(self.min_level, self.max_level + 1)
         }

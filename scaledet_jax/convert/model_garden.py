@@ -17,7 +17,8 @@ the same order as Model Garden. So:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -115,7 +116,7 @@ def keras_to_flax(units: list[KerasUnit], flax_order: list[tuple[str, tuple[str,
         raise ValueError(f"Keras model has {len(units)} conv/BN layers, the Flax model {len(flax_order)}")
     variables = unfreeze(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract))
     params, stats = variables["params"], variables.get("batch_stats", {})
-    for i, (unit, (kind, path)) in enumerate(zip(units, flax_order)):
+    for i, (unit, (kind, path)) in enumerate(zip(units, flax_order, strict=True)):
         if unit.kind != kind:
             raise ValueError(f"layer {i}: Keras {unit.layer.name} is a {unit.kind}, Flax {'/'.join(path)} a {kind}")
         values = [v.numpy() for v in unit.variables]

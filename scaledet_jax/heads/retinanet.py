@@ -45,27 +45,45 @@ class RetinaNetHead(nn.Module):
 
         def tower(prefix: str):
             return [
-                snn.conv(self.num_filters, 3, use_bias=True, padding=self.padding, kernel_init=tower_init,
-                         dtype=self.dtype, name=f"{prefix}_conv_{i}")
+                snn.conv(
+                    self.num_filters,
+                    3,
+                    use_bias=True,
+                    padding=self.padding,
+                    kernel_init=tower_init,
+                    dtype=self.dtype,
+                    name=f"{prefix}_conv_{i}",
+                )
                 for i in range(self.num_convs)
             ]
 
         class_convs, box_convs = tower("class"), tower("box")
         class_predict = snn.conv(
-            self.num_classes * self.num_anchors, 3, use_bias=True, padding=self.padding, kernel_init=predict_init,
-            bias_init=nn.initializers.constant(prior_probability_bias(self.prior_prob)), dtype=self.dtype,
+            self.num_classes * self.num_anchors,
+            3,
+            use_bias=True,
+            padding=self.padding,
+            kernel_init=predict_init,
+            bias_init=nn.initializers.constant(prior_probability_bias(self.prior_prob)),
+            dtype=self.dtype,
             name="class_predict",
         )
         box_predict = snn.conv(
-            4 * self.num_anchors, 3, use_bias=True, padding=self.padding, kernel_init=predict_init,
-            dtype=self.dtype, name="box_predict",
+            4 * self.num_anchors,
+            3,
+            use_bias=True,
+            padding=self.padding,
+            kernel_init=predict_init,
+            dtype=self.dtype,
+            name="box_predict",
         )
 
         def apply_tower(x, convs, prefix, level):
             for i, conv in enumerate(convs):
                 x = conv(x)
-                x = snn.batch_norm(self.bn_momentum, self.bn_epsilon, dtype=self.dtype, name=f"{prefix}_bn_{level}_{i}")(
-                    x, use_running_average=not train)
+                x = snn.batch_norm(
+                    self.bn_momentum, self.bn_epsilon, dtype=self.dtype, name=f"{prefix}_bn_{level}_{i}"
+                )(x, use_running_average=not train)
                 x = act(x)
             return x
 

@@ -6,7 +6,7 @@ model builder (``@register_model('retinanet')``); each takes the ``config.model`
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import ml_collections

@@ -8,7 +8,7 @@ anchors of one location ordered scale-major, then aspect ratio; flattening gives
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

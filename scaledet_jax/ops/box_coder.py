@@ -8,7 +8,7 @@ Works on NumPy and jax arrays alike.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 
@@ -29,7 +29,7 @@ def encode_boxes(boxes, anchors, weights: Sequence[float] | None = None):
     ha, wa, h, w = ha + EPSILON, wa + EPSILON, h + EPSILON, w + EPSILON
     codes = [(yc - yca) / ha, (xc - xca) / wa, jnp.log(h / ha), jnp.log(w / wa)]
     if weights is not None:
-        codes = [c * wt for c, wt in zip(codes, weights)]
+        codes = [c * wt for c, wt in zip(codes, weights, strict=True)]
     return jnp.stack(codes, axis=-1)
 
 

@@ -9,7 +9,6 @@ executed: parameters come from ``jax.eval_shape`` and FLOPs from the compiled HL
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -80,25 +79,23 @@ def format_table(name: str, result: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
     from absl import flags
 
+    from scaledet_jax.cli import UserError, config_from_flags
+
     if len(argv) > 1:
-        raise SystemExit(f"profile: unexpected arguments {argv[1:]}")
-    cfg_flag = flags.FLAGS["config"]
-    result = profile(cfg_flag.value, flags.FLAGS.image_size)
-    print(format_table(cfg_flag.config_filename, result))
+        raise UserError(f"unexpected arguments {argv[1:]}")
+    config = config_from_flags()
+    result = profile(config, flags.FLAGS.image_size)
+    print(format_table(flags.FLAGS["config"].config_filename, result))
 
 
 def run() -> None:
-    from absl import app, flags
-    from ml_collections import config_flags
+    from absl import flags
 
-    config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
+    from scaledet_jax.cli import define_config_flag, run_app
+
+    define_config_flag()
     flags.DEFINE_integer("image_size", None, "Square input size; default: the config's model.image_size.")
-    flags.mark_flag_as_required("config")
-    try:
-        app.run(main)
-    except ValueError as e:  # bad config values: one clear line, not a traceback
-        print(f"profile: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_app(main, "profile")
 
 
 if __name__ == "__main__":
