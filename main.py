@@ -1,19 +1,26 @@
 """scaledet_jax entry point.
 
     python main.py --config=configs/spinenet49.py --workdir=runs/spinenet49 [--config.key=value ...]
-                   [--mode=profile]
+                   [--mode=train_and_eval|train|eval|profile]
 
-Thin on purpose: flags in, one library call out. Modes available now:
-  profile   trainable parameters and FLOPs of the config's model (scaledet_jax.tools.profile)
+Thin on purpose: flags in, one library call out.
+  train_and_eval  train (resuming from WORKDIR's latest checkpoint), then COCO evaluation
+  train           train only
+  eval            evaluate WORKDIR's latest checkpoint
+  profile         trainable parameters and FLOPs of the config's model
 """
 
-from absl import flags
+import os
 
-from scaledet_jax.cli import UserError, config_from_flags, define_config_flag, run_app
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags, logging  # noqa: E402
+
+from scaledet_jax.cli import UserError, config_from_flags, define_config_flag, run_app  # noqa: E402
 
 define_config_flag()
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and evaluation results.")
-flags.DEFINE_enum("mode", "profile", ["profile"], "What to run.")
+flags.DEFINE_enum("mode", "train_and_eval", ["train_and_eval", "train", "eval", "profile"], "What to run.")
 FLAGS = flags.FLAGS
 
 
@@ -25,6 +32,19 @@ def main(argv: list[str]) -> None:
         from scaledet_jax.tools import profile
 
         print(profile.format_table(FLAGS["config"].config_filename, profile.profile(config)))
+        return
+    if not FLAGS.workdir:
+        raise UserError("--workdir is required for training and evaluation, e.g. --workdir=runs/quickstart")
+    from scaledet_jax import distributed, train
+
+    distributed.maybe_initialize()
+    if FLAGS.mode == "eval":
+        metrics = train.evaluate(config, FLAGS.workdir)
+    else:
+        metrics = train.train_and_evaluate(config, FLAGS.workdir, evaluate=FLAGS.mode == "train_and_eval")["eval"]
+    if metrics:
+        logging.info("COCO AP@[.5:.95] %.4f  AP50 %.4f  AP75 %.4f", metrics["AP"], metrics["AP50"], metrics["AP75"])
+        print(f"COCO AP@[.5:.95] = {metrics['AP']:.4f} (AP50 {metrics['AP50']:.4f}, AP75 {metrics['AP75']:.4f})")
 
 
 if __name__ == "__main__":

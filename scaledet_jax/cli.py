@@ -58,10 +58,20 @@ def _parse_flags(argv: list[str]) -> list[str]:
         raise UserError(f"cannot load the config: {type(e).__name__}: {_one_line(e)}") from None
 
 
+def _quiet_library_logs(record) -> bool:
+    """Keeps INFO chatter of orbax/tfds/clu internals out of the run's log (warnings still pass)."""
+    import logging as py_logging
+
+    noisy = ("/orbax/", "/tensorflow_datasets/", "/etils/")
+    return record.levelno >= py_logging.WARNING or not any(n in record.pathname for n in noisy)
+
+
 def run_app(main: Callable[[list[str]], None], prog: str) -> None:
     """``absl.app.run(main)``; user mistakes (UserError, ValueError) end with one line and exit 2."""
     from absl import app
+    from absl import logging as absl_logging
 
+    absl_logging.get_absl_handler().addFilter(_quiet_library_logs)
     try:
         app.run(main, flags_parser=_parse_flags)
     except (UserError, ValueError) as e:

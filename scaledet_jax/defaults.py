@@ -55,7 +55,11 @@ def get_config() -> ml_collections.ConfigDict:
     data.source = "tfds"  # 'tfds' (coco/2017), 'coco_folder' or 'synthetic'
     data.tfds_name = "coco/2017"
     data.tfds_data_dir = ""  # '' = the tfds default (~/tensorflow_datasets)
-    data.coco_folder = ""  # images/ + annotations/instances_*.json, for data.source='coco_folder'
+    data.coco_folder = ""  # <split>/ + annotations/instances_<split>.json, for data.source='coco_folder'
+    data.synthetic_train_images = 600  # data.source='synthetic' writes a COCO folder (workdir/synthetic_data)
+    data.synthetic_val_images = 100
+    data.synthetic_seed = 0
+    data.shuffle_buffer = 1000
     data.train_split = "train"
     data.eval_split = "validation"
     data.train_batch_size = 256
@@ -64,8 +68,6 @@ def get_config() -> ml_collections.ConfigDict:
     data.aug_rand_hflip = True
     data.aug_scale_min = 0.1
     data.aug_scale_max = 2.0
-    data.num_train_examples = COCO_TRAIN_EXAMPLES
-    data.num_eval_examples = COCO_VAL_EXAMPLES
 
     # ---- optimisation ------------------------------------------------------------------------
     optim = config.optim = ml_collections.ConfigDict()
@@ -82,6 +84,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- schedule of the run -----------------------------------------------------------------
     config.num_epochs = 500
+    config.total_steps = 0  # > 0 overrides num_epochs
+    config.stop_after_steps = 0  # > 0: leave after this many steps (time-boxed jobs); rerun to resume
     config.seed = 0
     config.log_every_steps = 100
     config.checkpoint_every_steps = 462  # one COCO epoch at batch 256

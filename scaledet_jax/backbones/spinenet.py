@@ -279,7 +279,7 @@ class SpineNet(nn.Module):
     def from_model_id(cls, model_id: str, **kwargs: Any) -> SpineNet:
         if model_id not in SCALING_MAP:
             raise ValueError(f"unknown SpineNet variant {model_id!r}; choose from {sorted(SCALING_MAP)}")
-        return cls(**SCALING_MAP[model_id], **kwargs)
+        return cls(**{**SCALING_MAP[model_id], **kwargs})
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False) -> dict[int, Array]:

@@ -57,8 +57,15 @@ def _build_spinenet(model_config: ml_collections.ConfigDict) -> nn.Module:
     from scaledet_jax.backbones.spinenet import SpineNet
 
     b = model_config.backbone
+    # Optional explicit scaling (e.g. a smaller net for the quickstart); unset keys come from model_id.
+    scaling = {
+        k: b[k]
+        for k in ("endpoints_num_filters", "filter_size_scale", "resample_alpha", "block_repeats")
+        if b.get(k) is not None
+    }
     return SpineNet.from_model_id(
         b.model_id,
+        **scaling,
         min_level=model_config.min_level,
         max_level=model_config.max_level,
         activation=model_config.activation,

@@ -1,0 +1,111 @@
+"""Train-step throughput and compile time, and input-pipeline throughput.
+
+    python benchmarks/train_throughput.py [--steps=10]
+
+Rows: the quickstart model (its own batch and size) and SpineNet-49 RetinaNet at 640, batch 2, on
+random images with random boxes (the full step: forward, anchor labeling, losses, backward, SGD,
+BN statistics); then the synthetic-data tf.data pipeline with the quickstart's training
+augmentation. Runs on whatever JAX's default backend is (CPU here).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from scaledet_jax import train  # noqa: E402
+from scaledet_jax.models import build_model  # noqa: E402
+
+flags.DEFINE_integer("steps", 10, "Timed train steps per model after the compile.")
+flags.DEFINE_integer("pipeline_batches", 30, "Timed input batches.")
+FLAGS = flags.FLAGS
+
+
+def random_batch(batch_size: int, size: int, max_instances: int, rng: np.random.RandomState) -> dict:
+    yx = rng.uniform(0, size * 0.7, (batch_size, max_instances, 2))
+    hw = rng.uniform(size * 0.05, size * 0.3, (batch_size, max_instances, 2))
+    return {
+        "image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
+        "boxes": np.concatenate([yx, yx + hw], -1).astype(np.float32),
+        "classes": rng.randint(1, 4, (batch_size, max_instances)).astype(np.int32),
+        "valid": rng.uniform(size=(batch_size, max_instances)) < 0.7,
+        "crowd": np.zeros((batch_size, max_instances), bool),
+    }
+
+
+def bench_train_step(config) -> tuple[float, float]:
+    """(compile seconds, images per second)."""
+    model = build_model(config.model)
+    schedule = train.learning_rate_schedule(config, 100, 1000)
+    tx = train.make_optimizer(config, schedule)
+    anchors = jnp.asarray(train.model_anchors(config))
+    state = jax.jit(lambda r: train.init_state(config, model, tx, r))(jax.random.key(0))
+    step = jax.jit(
+        functools.partial(train.train_step, config, model, tx, schedule, anchors, jax.random.key(1)), donate_argnums=0
+    )
+    batch = random_batch(
+        config.data.train_batch_size, config.model.image_size, config.data.max_instances, np.random.RandomState(0)
+    )
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(FLAGS.steps):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    return compile_s, FLAGS.steps * config.data.train_batch_size / (time.perf_counter() - start)
+
+
+def bench_pipeline(config) -> float:
+    from scaledet_jax.data import pipeline
+
+    with tempfile.TemporaryDirectory() as workdir:
+        builder = pipeline.get_builder(config.data, workdir)
+        batches = pipeline.train_batches(config, builder)
+        next(batches)
+        start = time.perf_counter()
+        for _ in range(FLAGS.pipeline_batches):
+            next(batches)
+        return FLAGS.pipeline_batches * config.data.train_batch_size / (time.perf_counter() - start)
+
+
+def main(argv):
+    del argv
+    from configs_util import load_config
+
+    quick = load_config("quickstart")
+    big = load_config("spinenet49")
+    big.data.train_batch_size = 2
+    rows = []
+    for name, config in (("quickstart", quick), ("spinenet49 @640", big)):
+        compile_s, ips = bench_train_step(config)
+        rows.append((name, config.model.image_size, config.data.train_batch_size, compile_s, ips))
+    pipeline_ips = bench_pipeline(quick)
+    print(f"\nTrain step on {jax.devices()[0].platform} ({os.cpu_count()} cores), {FLAGS.steps} steps after compile")
+    header = f"{'model':<18}{'input':>7}{'batch':>7}{'compile s':>11}{'images/s':>10}"
+    print(header)
+    print("-" * len(header))
+    for name, size, batch, compile_s, ips in rows:
+        print(f"{name:<18}{size:>7}{batch:>7}{compile_s:>11.1f}{ips:>10.2f}")
+    print(
+        f"\nInput pipeline (synthetic data, quickstart augmentation, batch {quick.data.train_batch_size}): "
+        f"{pipeline_ips:.0f} images/s"
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,192 @@
+"""The main job end to end: tfds mock COCO, synthetic data, resume, NaN guard, cross-replica BN, CLI."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from configs_util import CONFIG_DIR, load_config
+
+from scaledet_jax import train
+from scaledet_jax.evaluate import CocoEvaluator
+
+ROOT = str(CONFIG_DIR.parent)
+
+
+def tiny_config(**overrides):
+    """The quickstart recipe on a few synthetic images, small batch."""
+    config = load_config("quickstart")
+    config.data.synthetic_train_images = 16
+    config.data.synthetic_val_images = 6
+    config.data.train_batch_size = 4
+    config.data.eval_batch_size = 4
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 2
+    for key, value in overrides.items():
+        node = config
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return config
+
+
+def _repair_mock_boxes(dataset):
+    """tfds mock objects have unrelated lengths per field and inverted corners: make them consistent."""
+
+    def fix(example):
+        objects = example["objects"]
+        n = tf.reduce_min([tf.shape(objects[k])[0] for k in ("bbox", "label", "is_crowd")])
+        objects = {k: v[:n] for k, v in objects.items()}
+        b = objects["bbox"]
+        objects["bbox"] = tf.concat([tf.minimum(b[:, :2], b[:, 2:]), tf.maximum(b[:, :2], b[:, 2:])], axis=1)
+        example["objects"] = objects
+        return example
+
+    return dataset.map(fix)
+
+
+def test_one_step_train_and_evaluate_on_tfds_mock_coco(tmp_path, monkeypatch):
+    config = load_config("spinenet49s")
+    config.model.image_size = 128
+    config.model.head.num_convs = 1
+    config.data.train_batch_size = 2
+    config.data.eval_batch_size = 2
+    config.total_steps = 1
+    config.log_every_steps = 1
+    config.model.detection.pre_nms_top_k = 500
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
+    with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
+        mocked = tfds.core.DatasetBuilder.as_dataset
+        monkeypatch.setattr(
+            tfds.core.DatasetBuilder, "as_dataset", lambda self, *a, **k: _repair_mock_boxes(mocked(self, *a, **k))
+        )
+        result = train.train_and_evaluate(config, str(tmp_path))
+    assert int(result["state"].step) == 1
+    assert set(result["eval"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert json.load(open(tmp_path / "eval_1.json"))["step"] == 1
+    assert isinstance(json.load(open(tmp_path / "detections_1.json")), list)
+    assert os.path.isdir(tmp_path / "checkpoints" / "1")
+    assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
+
+
+def test_evaluator_scores_ground_truth_at_ap_1():
+    rng = np.random.RandomState(0)
+    evaluator = CocoEvaluator()
+    for batch_index in range(2):
+        boxes = np.zeros((3, 5, 4), np.float32)
+        valid = np.zeros((3, 5), bool)
+        for i in range(3):
+            n = rng.randint(1, 6)
+            yx = rng.uniform(0, 200, (n, 2))
+            boxes[i, :n] = np.concatenate([yx, yx + rng.uniform(5, 100, (n, 2))], 1)
+            valid[i, :n] = True
+        batch = {
+            "image_id": np.arange(3) + 3 * batch_index + 1,
+            "boxes": boxes,
+            "valid": valid,
+            "classes": rng.randint(1, 4, (3, 5)).astype(np.int32),
+            "crowd": np.zeros((3, 5), bool),
+            "scale": np.full(3, 0.5, np.float32),
+            "original_size": np.full((3, 2), 700, np.int32),
+        }
+        evaluator.add_ground_truth(batch)
+        evaluator.add_detections(
+            batch, {"boxes": boxes, "valid": valid, "classes": batch["classes"], "scores": np.where(valid, 0.9, 0.0)}
+        )
+    metrics = evaluator.evaluate()
+    assert metrics["AP"] == pytest.approx(1.0)
+    assert metrics["AP50"] == pytest.approx(1.0)
+    # And a wrong class everywhere scores 0.
+    evaluator.detections = [dict(d, category_id=d["category_id"] % 3 + 1) for d in evaluator.detections]
+    assert evaluator.evaluate()["AP"] == pytest.approx(0.0)
+
+
+def _params(state):
+    return jax.device_get(state.params)
+
+
+def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
+    straight = train.train_and_evaluate(tiny_config(total_steps=4), str(tmp_path / "a"), evaluate=False)
+    first = train.train_and_evaluate(
+        tiny_config(total_steps=4, stop_after_steps=2), str(tmp_path / "b"), evaluate=False
+    )
+    assert int(first["state"].step) == 2
+    resumed = train.train_and_evaluate(tiny_config(total_steps=4), str(tmp_path / "b"), evaluate=False)
+    assert int(resumed["state"].step) == 4
+    a, b = _params(straight["state"]), _params(resumed["state"])
+    diffs = [
+        float(np.max(np.abs(x - y)))
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    ]
+    assert max(diffs) == 0.0
+    # ... and the run really moved the parameters.
+    fresh = _params(first["state"])
+    assert (
+        max(
+            float(np.max(np.abs(x - y)))
+            for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(fresh), strict=True)
+        )
+        > 0
+    )
+
+
+def test_nan_loss_stops_with_the_step_and_no_nan_checkpoint(tmp_path):
+    config = tiny_config(total_steps=8, checkpoint_every_steps=1)
+    config.optim.base_learning_rate = 1e9
+    config.optim.gradient_clip_norm = 0.0
+    config.optim.warmup_steps = 0
+    with pytest.raises(FloatingPointError, match=r"NaN or Inf at step (\d+)") as info:
+        train.train_and_evaluate(config, str(tmp_path), evaluate=False)
+    bad_step = int(str(info.value).split("step ")[1].split(";")[0])
+    entries = os.listdir(tmp_path / "checkpoints")
+    assert all(e.isdigit() for e in entries), entries  # no half-written (tmp) checkpoint left behind
+    saved = sorted(int(e) for e in entries)
+    assert all(step <= bad_step for step in saved)  # step s holds the state after s updates: all finite
+    for step in saved:
+        restored = train.Run(config, str(tmp_path)).checkpoints.restore(step)
+        assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(restored["params"]))
+
+
+def test_cross_replica_batch_norm_8_devices_equals_1_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "helpers", "cross_replica_step.py"), ROOT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["positives"][0] == out["positives"][1] > 0
+    assert out["stats_moved"] > 1e-3  # batch statistics really were updated
+    assert out["loss"] <= 1e-5 and out["grads"] <= 1e-5 and out["batch_stats"] <= 1e-5, out
+
+
+def _main(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "main.py", *args], capture_output=True, text=True, cwd=cwd, timeout=900)
+
+
+def test_coco_recipe_without_data_gives_one_clear_line(tmp_path):
+    result = _main(
+        "--config=configs/spinenet49.py",
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.data.tfds_data_dir={tmp_path / 'no_data'}",
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("main.py: error:")]
+    assert len(errors) == 1 and "not prepared" in errors[0] and "coco_folder" in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "0")
+
+
+def test_main_refuses_config_typos(tmp_path):
+    result = _main("--config=configs/quickstart.py", f"--workdir={tmp_path}", "--config.optim.lerning_rate=1")
+    assert result.returncode == 2 and "Did you mean" in result.stderr and "Traceback" not in result.stderr
