@@ -168,3 +168,49 @@ class ConvBN(nn.Module):
         if self.activation:
             x = get_activation(self.activation)(x)
         return x
+
+
+class SeparableConv(nn.Module):
+    """Depthwise kxk conv (no bias) then pointwise 1x1 conv; submodules ``depthwise``, ``pointwise``.
+
+    Keras' ``SeparableConv2D`` as automl uses it (one variable set per layer, bias on the pointwise
+    part only). Initialisers follow Keras' kernel shapes: ``depthwise_init`` sees Flax's [k, k, 1, C]
+    kernel, so fan-in/out based initialisers must choose their axes (see ``keras_depthwise``).
+    """
+
+    features: int
+    kernel_size: int = 3
+    use_bias: bool = True
+    padding: str = "same"
+    depthwise_init: Callable = nn.initializers.glorot_uniform()
+    pointwise_init: Callable = nn.initializers.glorot_uniform()
+    bias_init: Callable = nn.initializers.zeros
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        channels = x.shape[-1]
+        x = conv(
+            channels,
+            self.kernel_size,
+            groups=channels,
+            padding=self.padding,
+            kernel_init=self.depthwise_init,
+            dtype=self.dtype,
+            name="depthwise",
+        )(x)
+        return conv(
+            self.features,
+            1,
+            use_bias=self.use_bias,
+            padding=self.padding,
+            kernel_init=self.pointwise_init,
+            bias_init=self.bias_init,
+            dtype=self.dtype,
+            name="pointwise",
+        )(x)
+
+
+def keras_depthwise(initializer_factory: Callable = nn.initializers.variance_scaling, *args, **kwargs) -> Callable:
+    """An initialiser for Flax depthwise kernels [k, k, 1, C] with Keras' fan semantics ([k, k, C, 1])."""
+    return initializer_factory(*args, in_axis=-1, out_axis=-2, **kwargs)

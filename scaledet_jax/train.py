@@ -136,11 +136,14 @@ def compute_losses(config, model, params, batch_stats, batch, anchors, rng, trai
         unmatched_threshold=config.loss.unmatched_threshold,
     )
     targets = jax.vmap(label)(batch["boxes"], batch["classes"], batch["valid"], batch["crowd"])
+    cls_targets = targets["cls_targets"]
+    if not config.model.get("background_slot", True):  # automl layout: output c is category c + 1
+        cls_targets = jnp.where(cls_targets > 0, cls_targets - 1, -1)
     c = config.loss
     parts = losses.retinanet_loss(
         logits,
         boxes,
-        targets["cls_targets"],
+        cls_targets,
         targets["box_targets"],
         targets["cls_weights"],
         targets["box_weights"],
@@ -193,6 +196,7 @@ def predict_step(config, model, anchors, variables, images):
         d.score_threshold,
         d.nms_iou_threshold,
         d.max_detections,
+        background_slot=config.model.get("background_slot", True),
     )
 
 

@@ -1,7 +1,9 @@
 """RetinaNet head (Lin et al., 2017) as in TF Model Garden ``RetinaNetHead``.
 
 Class and box towers of ``num_convs`` 3x3 convs whose weights are shared across levels, with a
-separate batch norm per level, then a 3x3 predictor. Outputs keep Model Garden's channel layout:
+separate batch norm per level, then a 3x3 predictor. With ``separable=True`` every conv is a depthwise-separable conv with a pointwise bias and
+automl's variance-scaling initialisers: the EfficientDet class/box nets. Outputs keep Model Garden's
+(and automl's) channel layout:
 class channel ``a * num_classes + c`` and box channel ``a * 4 + k`` for anchor ``a``.
 """
 
@@ -35,7 +37,33 @@ class RetinaNetHead(nn.Module):
     bn_epsilon: float = 1e-3
     padding: str = "same"
     prior_prob: float = 0.01
+    separable: bool = False
     dtype: Any = None
+
+    def _conv(self, features: int, name: str, kernel_init, bias_init=nn.initializers.zeros):
+        if self.separable:
+            scaling = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+            return snn.SeparableConv(
+                features,
+                3,
+                use_bias=True,
+                padding=self.padding,
+                depthwise_init=snn.keras_depthwise(nn.initializers.variance_scaling, 1.0, "fan_in", "truncated_normal"),
+                pointwise_init=scaling,
+                bias_init=bias_init,
+                dtype=self.dtype,
+                name=name,
+            )
+        return snn.conv(
+            features,
+            3,
+            use_bias=True,
+            padding=self.padding,
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+            dtype=self.dtype,
+            name=name,
+        )
 
     @nn.compact
     def __call__(self, features: dict[int, Array], train: bool = False) -> tuple[dict[int, Array], dict[int, Array]]:
@@ -44,39 +72,16 @@ class RetinaNetHead(nn.Module):
         predict_init = nn.initializers.normal(1e-5)
 
         def tower(prefix: str):
-            return [
-                snn.conv(
-                    self.num_filters,
-                    3,
-                    use_bias=True,
-                    padding=self.padding,
-                    kernel_init=tower_init,
-                    dtype=self.dtype,
-                    name=f"{prefix}_conv_{i}",
-                )
-                for i in range(self.num_convs)
-            ]
+            return [self._conv(self.num_filters, f"{prefix}_conv_{i}", tower_init) for i in range(self.num_convs)]
 
         class_convs, box_convs = tower("class"), tower("box")
-        class_predict = snn.conv(
+        class_predict = self._conv(
             self.num_classes * self.num_anchors,
-            3,
-            use_bias=True,
-            padding=self.padding,
-            kernel_init=predict_init,
-            bias_init=nn.initializers.constant(prior_probability_bias(self.prior_prob)),
-            dtype=self.dtype,
-            name="class_predict",
+            "class_predict",
+            predict_init,
+            nn.initializers.constant(prior_probability_bias(self.prior_prob)),
         )
-        box_predict = snn.conv(
-            4 * self.num_anchors,
-            3,
-            use_bias=True,
-            padding=self.padding,
-            kernel_init=predict_init,
-            dtype=self.dtype,
-            name="box_predict",
-        )
+        box_predict = self._conv(4 * self.num_anchors, "box_predict", predict_init)
 
         def apply_tower(x, convs, prefix, level):
             for i, conv in enumerate(convs):

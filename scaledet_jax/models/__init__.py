@@ -79,13 +79,11 @@ def _build_spinenet(model_config: ml_collections.ConfigDict) -> nn.Module:
     )
 
 
-@register_model("retinanet")
-def _build_retinanet(model_config: ml_collections.ConfigDict) -> nn.Module:
+def _retinanet_head(model_config: ml_collections.ConfigDict, separable: bool = False) -> nn.Module:
     from scaledet_jax.heads.retinanet import RetinaNetHead
-    from scaledet_jax.models.retinanet import RetinaNet
 
     h, a = model_config.head, model_config.anchor
-    head = RetinaNetHead(
+    return RetinaNetHead(
         num_classes=model_config.num_classes,
         num_anchors=anchor_ops.num_anchors_per_location(a.num_scales, a.aspect_ratios),
         min_level=model_config.min_level,
@@ -96,6 +94,61 @@ def _build_retinanet(model_config: ml_collections.ConfigDict) -> nn.Module:
         bn_momentum=model_config.norm.momentum,
         bn_epsilon=model_config.norm.epsilon,
         padding=model_config.get("conv_padding", "same"),
+        separable=separable,
         dtype=_dtype(model_config),
     )
-    return RetinaNet(backbone=build_backbone(model_config), head=head)
+
+
+@register_model("retinanet")
+def _build_retinanet(model_config: ml_collections.ConfigDict) -> nn.Module:
+    from scaledet_jax.models.retinanet import RetinaNet
+
+    return RetinaNet(backbone=build_backbone(model_config), head=_retinanet_head(model_config))
+
+
+@register_backbone("efficientnet")
+def _build_efficientnet(model_config: ml_collections.ConfigDict) -> nn.Module:
+    from scaledet_jax.backbones.efficientnet import EfficientNet
+
+    b = model_config.backbone
+    return EfficientNet.from_model_id(
+        b.model_id,
+        drop_connect_rate=b.get("drop_connect_rate", 0.2),
+        max_level=min(5, model_config.max_level),
+        activation=model_config.activation,
+        bn_momentum=model_config.norm.momentum,
+        bn_epsilon=model_config.norm.epsilon,
+        padding=model_config.get("conv_padding", "same"),
+        dtype=_dtype(model_config),
+    )
+
+
+def _build_bifpn(model_config: ml_collections.ConfigDict) -> nn.Module:
+    from scaledet_jax.necks.bifpn import BiFPN
+
+    d = model_config.decoder
+    return BiFPN(
+        num_filters=d.num_filters,
+        num_repeats=d.num_repeats,
+        min_level=model_config.min_level,
+        max_level=model_config.max_level,
+        weight_method=d.get("weight_method", "fastattn"),
+        activation=model_config.activation,
+        bn_momentum=model_config.norm.momentum,
+        bn_epsilon=model_config.norm.epsilon,
+        conv_padding=model_config.get("conv_padding", "same"),
+        pool_padding=model_config.get("pool_padding", "same"),
+        dtype=_dtype(model_config),
+    )
+
+
+@register_model("efficientdet")
+def _build_efficientdet(model_config: ml_collections.ConfigDict) -> nn.Module:
+    """EfficientNet + BiFPN + separable class/box nets (automl's EfficientDet)."""
+    from scaledet_jax.models.retinanet import RetinaNet
+
+    return RetinaNet(
+        backbone=build_backbone(model_config),
+        decoder=_build_bifpn(model_config),
+        head=_retinanet_head(model_config, separable=True),
+    )

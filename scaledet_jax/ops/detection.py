@@ -1,6 +1,7 @@
 """Raw RetinaNet outputs -> final detections, with fixed shapes (jit-compiled predict).
 
-Per image: sigmoid scores of every (anchor, class), class 0 (background slot) dropped; the top
+Per image: sigmoid scores of every (anchor, class), class 0 dropped when it is Model Garden's unused
+background slot (automl's EfficientDet has none: output ``i`` is category ``i + 1``); the top
 ``pre_nms_top_k`` candidates; boxes decoded against their anchors and clipped to the image;
 candidates under ``score_threshold`` masked; per-class NMS; ``max_detections`` kept.
 """
@@ -29,12 +30,18 @@ def generate_detections(
     score_threshold: float = 0.05,
     nms_iou_threshold: float = 0.5,
     max_detections: int = 100,
+    background_slot: bool = True,
 ) -> dict[str, Array]:
-    """class_logits [B, N, C], box_outputs [B, N, 4], anchors [N, 4] -> boxes/scores/classes/valid."""
+    """class_logits [B, N, C], box_outputs [B, N, 4], anchors [N, 4] -> boxes/scores/classes/valid.
+
+    ``classes`` are category ids: output index ``c`` with a background slot, ``c + 1`` without.
+    """
 
     def one_image(logits, codes):
-        scores = jax.nn.sigmoid(logits[:, 1:].astype(jnp.float32)).reshape(-1)
-        num_fg = logits.shape[1] - 1
+        if background_slot:
+            logits = logits[:, 1:]
+        scores = jax.nn.sigmoid(logits.astype(jnp.float32)).reshape(-1)
+        num_fg = logits.shape[1]
         k = min(pre_nms_top_k, scores.shape[0])
         top_scores, top_index = jax.lax.top_k(scores, k)
         anchor_index, classes = top_index // num_fg, top_index % num_fg + 1
