@@ -124,7 +124,9 @@ def efficientdet_config(variant: str) -> ml_collections.ConfigDict:
     m.image_size = size
     m.min_level, m.max_level = 3, max_level
     m.backbone = ml_collections.ConfigDict(dict(name="efficientnet", model_id=backbone, drop_connect_rate=0.2))
-    m.decoder = ml_collections.ConfigDict(dict(name="bifpn", num_filters=width, num_repeats=repeats, weight_method=fusion))
+    m.decoder = ml_collections.ConfigDict(
+        dict(name="bifpn", num_filters=width, num_repeats=repeats, weight_method=fusion)
+    )
     m.head = ml_collections.ConfigDict(dict(num_convs=head_repeats, num_filters=width))
     m.anchor = ml_collections.ConfigDict(dict(num_scales=3, aspect_ratios=[1.0, 2.0, 0.5], anchor_size=anchor_scale))
 

@@ -156,17 +156,25 @@ class MBConvBlock(nn.Module):
         x = inputs
         expanded = spec.in_filters * spec.expand_ratio
         if spec.expand_ratio != 1:
-            x = snn.conv(expanded, 1, padding=self.padding, kernel_init=conv_init(), dtype=self.dtype, name="expand_conv")(x)
+            x = snn.conv(
+                expanded, 1, padding=self.padding, kernel_init=conv_init(), dtype=self.dtype, name="expand_conv"
+            )(x)
             x = act(bn("expand_bn")(x, use_running_average=not train))
-        x = depthwise_conv(expanded, spec.kernel, spec.stride, padding=self.padding, dtype=self.dtype, name="depthwise_conv")(x)
+        x = depthwise_conv(
+            expanded, spec.kernel, spec.stride, padding=self.padding, dtype=self.dtype, name="depthwise_conv"
+        )(x)
         x = act(bn("depthwise_bn")(x, use_running_average=not train))
         if spec.se_ratio:
             reduced = max(1, int(spec.in_filters * spec.se_ratio))
             s = jnp.mean(x, axis=(1, 2), keepdims=True)
             s = snn.conv(reduced, 1, use_bias=True, kernel_init=conv_init(), dtype=self.dtype, name="se_reduce")(s)
-            s = snn.conv(expanded, 1, use_bias=True, kernel_init=conv_init(), dtype=self.dtype, name="se_expand")(act(s))
+            s = snn.conv(expanded, 1, use_bias=True, kernel_init=conv_init(), dtype=self.dtype, name="se_expand")(
+                act(s)
+            )
             x = x * nn.sigmoid(s)
-        x = snn.conv(spec.out_filters, 1, padding=self.padding, kernel_init=conv_init(), dtype=self.dtype, name="project_conv")(x)
+        x = snn.conv(
+            spec.out_filters, 1, padding=self.padding, kernel_init=conv_init(), dtype=self.dtype, name="project_conv"
+        )(x)
         x = bn("project_bn")(x, use_running_average=not train)
         if spec.stride == 1 and spec.in_filters == spec.out_filters:
             x = snn.StochasticDepth(1.0 - self.survival_prob)(x, train) + inputs
@@ -199,7 +207,13 @@ class EfficientNet(nn.Module):
         act = snn.get_activation(self.activation)
         x = images.astype(self.dtype) if self.dtype is not None else images
         x = snn.conv(
-            round_filters(32, self.width), 3, 2, padding=self.padding, kernel_init=conv_init(), dtype=self.dtype, name="stem_conv"
+            round_filters(32, self.width),
+            3,
+            2,
+            padding=self.padding,
+            kernel_init=conv_init(),
+            dtype=self.dtype,
+            name="stem_conv",
         )(x)
         x = snn.batch_norm(self.bn_momentum, self.bn_epsilon, dtype=self.dtype, name="stem_bn")(
             x, use_running_average=not train

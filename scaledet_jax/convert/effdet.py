@@ -34,9 +34,7 @@ _IR_NAMES = {  # InvertedResidual
 _SE_NAMES = {"se_reduce": "se.conv_reduce", "se_expand": "se.conv_expand"}
 
 
-def timm_efficientnet_source(
-    state_keys, target_shapes: Mapping[str, Any], prefix: str = "", scope: Path = ()
-):
+def timm_efficientnet_source(state_keys, target_shapes: Mapping[str, Any], prefix: str = "", scope: Path = ()):
     """``source_key`` for our EfficientNet (under ``scope`` in the variable tree) from timm keys."""
     stage_blocks = numbered(state_keys, re.escape(prefix) + r"blocks\.(\d+)\.(\d+)\.")
     flat = traverse_util.flatten_dict(dict(target_shapes))

@@ -101,6 +101,7 @@ def convert(
         array = flax_array(path, to_numpy(state_dict[key]))
         shape = tuple(target.shape)
         if array.shape != shape:
+            used.add(key)  # reported as mis-shaped, not also as unexpected
             misshaped.append(f"{key}: {tuple(array.shape)} -> {'/'.join(path)} {shape}")
             continue
         out[path] = array.astype(np.float32) if np.issubdtype(array.dtype, np.floating) else array

@@ -1,10 +1,10 @@
 """RetinaNet head (Lin et al., 2017) as in TF Model Garden ``RetinaNetHead``.
 
 Class and box towers of ``num_convs`` 3x3 convs whose weights are shared across levels, with a
-separate batch norm per level, then a 3x3 predictor. With ``separable=True`` every conv is a depthwise-separable conv with a pointwise bias and
-automl's variance-scaling initialisers: the EfficientDet class/box nets. Outputs keep Model Garden's
-(and automl's) channel layout:
-class channel ``a * num_classes + c`` and box channel ``a * 4 + k`` for anchor ``a``.
+separate batch norm per level, then a 3x3 predictor. With ``separable=True`` every conv is a
+depthwise-separable conv with a pointwise bias and automl's variance-scaling initialisers: the
+EfficientDet class/box nets. Outputs keep Model Garden's (and automl's) channel layout: class
+channel ``a * num_classes + c`` and box channel ``a * 4 + k`` for anchor ``a``.
 """
 
 from __future__ import annotations

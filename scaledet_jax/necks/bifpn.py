@@ -61,7 +61,15 @@ class Resample(nn.Module):
     def __call__(self, x: Array, train: bool = False) -> Array:
         if x.shape[-1] != self.num_filters:
             # automl: conv with bias *and* BN ("redundant bias" in effdet's words).
-            x = snn.conv(self.num_filters, 1, use_bias=True, padding=self.conv_padding, kernel_init=nn.initializers.glorot_uniform(), dtype=self.dtype, name="conv")(x)
+            x = snn.conv(
+                self.num_filters,
+                1,
+                use_bias=True,
+                padding=self.conv_padding,
+                kernel_init=nn.initializers.glorot_uniform(),
+                dtype=self.dtype,
+                name="conv",
+            )(x)
             x = snn.batch_norm(self.bn_momentum, self.bn_epsilon, dtype=self.dtype, name="bn")(
                 x, use_running_average=not train
             )
@@ -210,12 +218,18 @@ class FusionNode(nn.Module):
         if self.weight_method == "sum":
             x = jnp.sum(stacked, axis=-1)
         else:
-            weights = self.param("weights", nn.initializers.ones, (len(self.offsets),), jnp.float32).astype(stacked.dtype)
+            weights = self.param("weights", nn.initializers.ones, (len(self.offsets),), jnp.float32).astype(
+                stacked.dtype
+            )
             if self.weight_method == "fastattn":
                 weights = nn.relu(weights)
                 x = jnp.sum(stacked * weights, axis=-1) / (jnp.sum(weights) + 1e-4)
             else:
                 x = jnp.sum(stacked * jax.nn.softmax(weights), axis=-1)
         x = snn.get_activation(self.activation)(x)
-        x = snn.SeparableConv(self.num_filters, 3, use_bias=True, padding=self.conv_padding, dtype=self.dtype, name="op_after_combine")(x)
-        return snn.batch_norm(self.bn_momentum, self.bn_epsilon, dtype=self.dtype, name="bn")(x, use_running_average=not train)
+        x = snn.SeparableConv(
+            self.num_filters, 3, use_bias=True, padding=self.conv_padding, dtype=self.dtype, name="op_after_combine"
+        )(x)
+        return snn.batch_norm(self.bn_momentum, self.bn_epsilon, dtype=self.dtype, name="bn")(
+            x, use_running_average=not train
+        )
