@@ -170,6 +170,68 @@ class ConvBN(nn.Module):
         return x
 
 
+DEPTHWISE_IMPLS = ("auto", "conv", "shifted")
+
+
+def _same_pads(size: int, kernel: int, stride: int, padding: str) -> tuple[int, int, int]:
+    """(pad before, pad after, output size) along one axis."""
+    if padding == "same":
+        out = -(-size // stride)
+        total = max((out - 1) * stride + kernel - size, 0)
+        return total // 2, total - total // 2, out
+    pad = (kernel - 1) // 2
+    return pad, pad, (size + 2 * pad - kernel) // stride + 1
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise kxk convolution (one filter per channel, no bias); kernel [k, k, 1, C] as nn.Conv's.
+
+    XLA's CPU backend runs grouped convolutions an order of magnitude slower than dense ones, so
+    on CPU (``impl='auto'``) the convolution is computed as k*k shifted, strided slices of the
+    padded input times per-channel weights — the same arithmetic, fused by XLA into one loop.
+    Elsewhere (GPU/TPU) the native grouped convolution is used. Variables are identical either way.
+    """
+
+    kernel_size: int = 3
+    strides: int = 1
+    padding: str = "same"
+    kernel_init: Callable = keras_variance_scaling
+    impl: str = "auto"
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        _check_padding(self.padding)
+        if self.impl not in DEPTHWISE_IMPLS:
+            raise ValueError(f"impl must be one of {DEPTHWISE_IMPLS}, got {self.impl!r}")
+        channels, k, s = x.shape[-1], self.kernel_size, self.strides
+        kernel = self.param("kernel", self.kernel_init, (k, k, 1, channels), jnp.float32)
+        dtype = self.dtype or x.dtype
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+        impl = self.impl
+        if impl == "auto":
+            impl = "shifted" if jax.default_backend() == "cpu" else "conv"
+        if impl == "conv":
+            return jax.lax.conv_general_dilated(
+                x,
+                kernel,
+                (s, s),
+                conv_padding(k, 1, self.padding),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=channels,
+            )
+        top, bottom, out_h = _same_pads(x.shape[1], k, s, self.padding)
+        left, right, out_w = _same_pads(x.shape[2], k, s, self.padding)
+        padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+        out = None
+        for i in range(k):
+            for j in range(k):
+                window = padded[:, i : i + (out_h - 1) * s + 1 : s, j : j + (out_w - 1) * s + 1 : s, :]
+                term = window * kernel[i, j, 0]
+                out = term if out is None else out + term
+        return out
+
+
 class SeparableConv(nn.Module):
     """Depthwise kxk conv (no bias) then pointwise 1x1 conv; submodules ``depthwise``, ``pointwise``.
 
@@ -189,15 +251,8 @@ class SeparableConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        channels = x.shape[-1]
-        x = conv(
-            channels,
-            self.kernel_size,
-            groups=channels,
-            padding=self.padding,
-            kernel_init=self.depthwise_init,
-            dtype=self.dtype,
-            name="depthwise",
+        x = DepthwiseConv(
+            self.kernel_size, padding=self.padding, kernel_init=self.depthwise_init, dtype=self.dtype, name="depthwise"
         )(x)
         return conv(
             self.features,

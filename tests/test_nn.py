@@ -119,3 +119,34 @@ def test_stochastic_depth():
 def test_bad_padding_is_refused():
     with pytest.raises(ValueError, match="padding must be one of"):
         snn.conv(4, 3, padding="valid")
+
+
+@pytest.mark.parametrize("size,kernel,stride", [(7, 3, 1), (8, 3, 2), (13, 5, 2), (16, 5, 1), (9, 3, 2)])
+@pytest.mark.parametrize("padding", ["same", "symmetric"])
+def test_depthwise_shifted_equals_grouped_conv(size, kernel, stride, padding):
+    x = jnp.asarray(np.random.RandomState(0).normal(size=(2, size, size + 1, 6)).astype(np.float32))
+    outs, grads = {}, {}
+    for impl in ("conv", "shifted"):
+        layer = snn.DepthwiseConv(kernel, stride, padding=padding, impl=impl)
+        variables = layer.init(jax.random.key(0), x)
+        outs[impl] = layer.apply(variables, x)
+        loss = lambda v, x, layer=layer: jnp.sum(jnp.sin(layer.apply(v, x)))  # noqa: E731
+        grads[impl] = jax.grad(loss, argnums=(0, 1))(variables, x)
+    np.testing.assert_allclose(outs["shifted"], outs["conv"], atol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(grads["shifted"]), jax.tree_util.tree_leaves(grads["conv"]), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_depthwise_symmetric_matches_pytorch():
+    x = np.random.RandomState(1).normal(size=(1, 11, 11, 4)).astype(np.float32)
+    layer = snn.DepthwiseConv(5, 2, padding="symmetric", impl="shifted")
+    variables = layer.init(jax.random.key(0), jnp.asarray(x))
+    kernel = np.asarray(variables["params"]["kernel"])  # [k, k, 1, C] -> torch [C, 1, k, k]
+    ref = F.conv2d(
+        torch.from_numpy(x).permute(0, 3, 1, 2),
+        torch.from_numpy(kernel.transpose(3, 2, 0, 1)),
+        stride=2,
+        padding=2,
+        groups=4,
+    )
+    np.testing.assert_allclose(layer.apply(variables, jnp.asarray(x)), ref.permute(0, 2, 3, 1).numpy(), atol=1e-5)

@@ -122,18 +122,10 @@ def depthwise_init() -> Any:
 
 
 def depthwise_conv(
-    channels: int, kernel: int, stride: int = 1, *, padding: str, kernel_init=None, dtype=None, name=None
-) -> nn.Conv:
-    return snn.conv(
-        channels,
-        kernel,
-        stride,
-        groups=channels,
-        padding=padding,
-        kernel_init=kernel_init or depthwise_init(),
-        dtype=dtype,
-        name=name,
-    )
+    channels: int, kernel: int, stride: int = 1, *, padding: str, dtype=None, name=None
+) -> snn.DepthwiseConv:
+    del channels  # one filter per input channel
+    return snn.DepthwiseConv(kernel, stride, padding=padding, kernel_init=depthwise_init(), dtype=dtype, name=name)
 
 
 class MBConvBlock(nn.Module):
