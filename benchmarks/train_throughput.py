@@ -1,8 +1,8 @@
 """Train-step throughput and compile time, and input-pipeline throughput.
 
-    python benchmarks/train_throughput.py [--steps=10]
+    python benchmarks/train_throughput.py [--steps=10] [--configs=quickstart,efficientdet_quickstart,spinenet49@640:2]
 
-Rows: the quickstart model (its own batch and size) and SpineNet-49 RetinaNet at 640, batch 2, on
+Rows (``--configs``): the quickstart models (their own batch and size) and SpineNet-49 RetinaNet at 640, batch 2, on
 random images with random boxes (the full step: forward, anchor labeling, losses, backward, SGD,
 BN statistics); then the synthetic-data tf.data pipeline with the quickstart's training
 augmentation. Runs on whatever JAX's default backend is (CPU here).
@@ -29,6 +29,11 @@ from scaledet_jax import train  # noqa: E402
 from scaledet_jax.models import build_model  # noqa: E402
 
 flags.DEFINE_integer("steps", 10, "Timed train steps per model after the compile.")
+flags.DEFINE_list(
+    "configs",
+    ["quickstart", "efficientdet_quickstart", "spinenet49@640:2"],
+    "Rows: config names, optionally @size:batch (default: the config's own).",
+)
 flags.DEFINE_integer("pipeline_batches", 30, "Timed input batches.")
 FLAGS = flags.FLAGS
 
@@ -88,19 +93,24 @@ def main(argv):
     from configs_util import load_config
 
     quick = load_config("quickstart")
-    big = load_config("spinenet49")
-    big.data.train_batch_size = 2
     rows = []
-    for name, config in (("quickstart", quick), ("spinenet49 @640", big)):
+    for spec in FLAGS.configs:
+        name, _, override = spec.partition("@")
+        config = load_config(name)
+        if override:
+            size, _, batch = override.partition(":")
+            config.model.image_size = int(size)
+            if batch:
+                config.data.train_batch_size = int(batch)
         compile_s, ips = bench_train_step(config)
         rows.append((name, config.model.image_size, config.data.train_batch_size, compile_s, ips))
     pipeline_ips = bench_pipeline(quick)
     print(f"\nTrain step on {jax.devices()[0].platform} ({os.cpu_count()} cores), {FLAGS.steps} steps after compile")
-    header = f"{'model':<18}{'input':>7}{'batch':>7}{'compile s':>11}{'images/s':>10}"
+    header = f"{'model':<26}{'input':>7}{'batch':>7}{'compile s':>11}{'images/s':>10}"
     print(header)
     print("-" * len(header))
     for name, size, batch, compile_s, ips in rows:
-        print(f"{name:<18}{size:>7}{batch:>7}{compile_s:>11.1f}{ips:>10.2f}")
+        print(f"{name:<26}{size:>7}{batch:>7}{compile_s:>11.1f}{ips:>10.2f}")
     print(
         f"\nInput pipeline (synthetic data, quickstart augmentation, batch {quick.data.train_batch_size}): "
         f"{pipeline_ips:.0f} images/s"

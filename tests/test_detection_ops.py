@@ -199,3 +199,25 @@ def test_nms_masked_scores_never_kept():
     scores = jnp.where(jnp.arange(20) < 5, jnp.linspace(1, 2, 20), -jnp.inf)
     keep, valid = nms.nms(boxes, scores, 0.5, 20)
     assert set(np.asarray(keep)[np.asarray(valid)]) <= set(range(5))
+
+
+@pytest.mark.parametrize("background_slot", [True, False])
+def test_generate_detections_class_layouts(background_slot):
+    from scaledet_jax.ops import detection
+
+    # Two anchors; anchor 0 fires on output channel 2, anchor 1 on channel 0.
+    anchors = jnp.asarray([[10.0, 10.0, 30.0, 30.0], [50.0, 50.0, 90.0, 90.0]])
+    logits = np.full((1, 2, 4), -10.0, np.float32)
+    logits[0, 0, 2], logits[0, 1, 0] = 5.0, 4.0
+    out = detection.generate_detections(
+        jnp.asarray(logits), jnp.zeros((1, 2, 4)), anchors, 128, 8, 0.05, 0.5, 4, background_slot=background_slot
+    )
+    found = {
+        int(c): tuple(np.asarray(b))
+        for c, b, v in zip(out["classes"][0], out["boxes"][0], out["valid"][0], strict=True)
+        if v
+    }
+    if background_slot:  # Model Garden: channel c is category c, channel 0 is never reported
+        assert found == {2: (10.0, 10.0, 30.0, 30.0)}
+    else:  # automl: channel c is category c + 1
+        assert found == {3: (10.0, 10.0, 30.0, 30.0), 1: (50.0, 50.0, 90.0, 90.0)}

@@ -76,6 +76,22 @@ def test_one_step_train_and_evaluate_on_tfds_mock_coco(tmp_path, monkeypatch):
     assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
 
 
+def test_efficientdet_trains_and_evaluates_with_ema(tmp_path):
+    config = tiny_config(total_steps=2)
+    small = load_config("efficientdet_quickstart")
+    config.model, config.optim = small.model, small.optim
+    config.model.image_size = 64
+    config.optim.ema_decay = 0.9
+    result = train.train_and_evaluate(config, str(tmp_path))
+    state = result["state"]
+    assert int(state.step) == 2 and state.ema_params is not None
+    leaves = zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(state.ema_params), strict=True)
+    assert max(float(np.max(np.abs(p - e))) for p, e in leaves) > 0  # EMA is a separate average
+    assert set(result["eval"]) >= {"AP", "AP50"}
+    detections = json.load(open(tmp_path / "detections_2.json"))
+    assert {d["category_id"] for d in detections} <= {1, 2, 3}  # automl layout mapped back to category ids
+
+
 def test_evaluator_scores_ground_truth_at_ap_1():
     rng = np.random.RandomState(0)
     evaluator = CocoEvaluator()
