@@ -14,6 +14,8 @@ so ``BatchNorm`` is cross-replica ("sync") batch norm without any axis name.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -171,6 +173,19 @@ class ConvBN(nn.Module):
 
 
 DEPTHWISE_IMPLS = ("auto", "conv", "shifted")
+_depthwise_default = contextvars.ContextVar("depthwise_default", default="auto")
+
+
+@contextlib.contextmanager
+def depthwise_impl(impl: str):
+    """Within the block, ``DepthwiseConv(impl='auto')`` traces as ``impl`` (e.g. 'conv' for FLOP counting)."""
+    if impl not in DEPTHWISE_IMPLS:
+        raise ValueError(f"impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
+    token = _depthwise_default.set(impl)
+    try:
+        yield
+    finally:
+        _depthwise_default.reset(token)
 
 
 def _same_pads(size: int, kernel: int, stride: int, padding: str) -> tuple[int, int, int]:
@@ -208,7 +223,7 @@ class DepthwiseConv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (k, k, 1, channels), jnp.float32)
         dtype = self.dtype or x.dtype
         x, kernel = x.astype(dtype), kernel.astype(dtype)
-        impl = self.impl
+        impl = self.impl if self.impl != "auto" else _depthwise_default.get()
         if impl == "auto":
             impl = "shifted" if jax.default_backend() == "cpu" else "conv"
         if impl == "conv":

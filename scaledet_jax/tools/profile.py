@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from scaledet_jax import nn as snn
+
 
 def count_params(tree: Any) -> int:
     """Number of scalars in a pytree of arrays or ShapeDtypeStructs."""
@@ -120,8 +122,9 @@ def profile(config: ml_collections.ConfigDict, image_size: int | None = None) ->
     model = build_model(config.model)
     variables = abstract_variables(model, image_size)
     start = time.perf_counter()
-    macs = tf_convention_flops(model, variables, image_size)
-    xla_macs = inference_flops(model, variables, image_size)
+    with snn.depthwise_impl("conv"):  # count depthwise convs as convolutions, whatever runs on this backend
+        macs = tf_convention_flops(model, variables, image_size)
+        xla_macs = inference_flops(model, variables, image_size)
     return {
         "image_size": image_size,
         "params": count_params(variables["params"]),
