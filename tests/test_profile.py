@@ -50,6 +50,10 @@ def test_cli_prints_table():
     assert rows["head"] == "2,176,727"
     assert rows["total"] == "11,265,942"
     assert "FLOPs (multiply-adds)" in result.stdout
+    flops = {
+        line.split()[0]: float(line.split()[3].rstrip("B")) for line in lines if line.strip().startswith(("TF", "XLA"))
+    }
+    assert set(flops) == {"TF", "XLA"} and all(4.0 < v < 6.0 for v in flops.values()), flops
 
 
 @pytest.mark.parametrize(

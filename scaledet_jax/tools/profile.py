@@ -144,8 +144,9 @@ def format_table(name: str, result: dict[str, Any]) -> str:
     lines += [f"  {a:<{width}}{b:>16}" for a, b in rows]
     macs = result["multiply_adds"]
     xla = result["xla_multiply_adds"]
-    lines.append(f"  {'FLOPs (multiply-adds, TF profiler rules)':<{width}}{macs / 1e9:>15.2f}B   ({macs:,.0f})")
-    lines.append(f"  {'FLOPs (multiply-adds, XLA cost analysis)':<{width}}{xla / 1e9:>15.2f}B   ({xla:,.0f})")
+    lines.append("  FLOPs (multiply-adds)")
+    lines.append(f"    {'TF profiler rules':<20}{macs / 1e9:>10.2f}B   ({macs:,.0f})")
+    lines.append(f"    {'XLA cost analysis':<20}{xla / 1e9:>10.2f}B   ({xla:,.0f})")
     return "\n".join(lines)
 
 
