@@ -33,13 +33,16 @@ def get_config():
     d.aug_scale_min, d.aug_scale_max = 0.8, 1.25
 
     o = config.optim
-    o.base_learning_rate = 0.08 * 256 / 16  # lr 0.08 at batch 16
+    # From scratch on 600 images Adam learns several times faster than SGD here: at 500 steps AP 0.37
+    # (Adam, lr 8e-3) vs 0.05 (SGD 0.08) and 0.08 (SGD 0.16).
+    o.optimizer = "adam"
+    o.base_learning_rate = 8e-3 * 256 / 16  # lr 8e-3 at batch 16
     o.schedule = "cosine"
     o.warmup_steps = 50
-    o.warmup_learning_rate = 0.008
+    o.warmup_learning_rate = 2e-4
     o.gradient_clip_norm = 10.0
 
-    config.num_epochs = 48
+    config.num_epochs = 29  # 1073 steps: data, compile, training and evaluation fit in 15 minutes on 2 cores
     config.log_every_steps = 20
     config.checkpoint_every_steps = 200
     config.eval_every_steps = 0  # evaluate once, at the end

@@ -88,6 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.total_steps = 0  # > 0 overrides num_epochs
     config.stop_after_steps = 0  # > 0: leave after this many steps (time-boxed jobs); rerun to resume
     config.seed = 0
+    config.init_from = ""  # a converted checkpoint (python -m scaledet_jax.convert) to start from
     config.log_every_steps = 100
     config.checkpoint_every_steps = 462  # one COCO epoch at batch 256
     config.keep_checkpoints = 3

@@ -253,7 +253,33 @@ class Run:
             logging.info("Resuming from checkpoint at step %d in %s", latest, self.checkpoints.directory)
             return self.checkpoints.restore(latest, args=ocp.args.StandardRestore(self.abstract_state()))
         init = jax.jit(lambda rng: init_state(self.config, self.model, self.tx, rng), out_shardings=self.replicated)
-        return init(jax.random.key(self.config.seed))
+        state = init(jax.random.key(self.config.seed))
+        if self.config.init_from:
+            state = self._load_converted(state)
+        return state
+
+    def _load_converted(self, state: TrainState) -> TrainState:
+        from scaledet_jax.convert import checkpoint
+
+        loaded = checkpoint.load_converted(self.config.init_from)
+        params, n_params, fresh = checkpoint.merge_into(jax.device_get(state.params), loaded.get("params", {}), "params")
+        stats, n_stats, _ = checkpoint.merge_into(
+            jax.device_get(state.batch_stats), loaded.get("batch_stats", {}), "batch_stats"
+        )
+        logging.info(
+            "Initialised %d parameter and %d statistics tensors from %s; %d parameter tensors keep their random init",
+            n_params,
+            n_stats,
+            self.config.init_from,
+            fresh,
+        )
+        params = jax.device_put(params, self.replicated)
+        return state.replace(
+            params=params,
+            batch_stats=jax.device_put(stats, self.replicated),
+            opt_state=jax.jit(self.tx.init, out_shardings=self.replicated)(params),
+            ema_params=jax.tree_util.tree_map(jnp.copy, params) if state.ema_params is not None else None,
+        )
 
     def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {
@@ -354,6 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluate
 
     from scaledet_jax.data import pipeline
 
+    _apply_init_from_options(config)
     run = Run(config, workdir)
     writer = metric_writers.create_default_writer(run.workdir, just_logging=jax.process_index() > 0)
     state = run.restore_or_init()
@@ -445,8 +472,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluate
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Evaluates the latest checkpoint in ``workdir``."""
+    """Evaluates the latest checkpoint in ``workdir`` (or ``config.init_from`` when it has none)."""
+    _apply_init_from_options(config)
     run = Run(config, workdir)
-    if run.checkpoints.latest_step() is None:
-        raise UserError(f"no checkpoint in {run.checkpoints.directory}; train first or point --workdir at a run")
+    if run.checkpoints.latest_step() is None and not config.init_from:
+        raise UserError(
+            f"no checkpoint in {run.checkpoints.directory}; train first, point --workdir at a run, "
+            "or evaluate a converted checkpoint with --config.init_from=DIR"
+        )
     return run.evaluate(run.restore_or_init())
+
+
+def _apply_init_from_options(config: ml_collections.ConfigDict) -> None:
+    """A converted checkpoint brings the model options its source's semantics need (padding, ...)."""
+    if config.get("init_from"):
+        from scaledet_jax.convert import checkpoint
+
+        for change in checkpoint.apply_model_options(config, config.init_from):
+            logging.info("init_from %s sets %s", config.init_from, change)

@@ -1,0 +1,180 @@
+"""Reading PyTorch checkpoints safely, and writing / reading converted checkpoints.
+
+Reading: ``.safetensors`` files through safetensors, everything else through
+``torch.load(..., weights_only=True)``, so a pickle that would run code is refused rather than
+executed. Accepted containers: a plain state dict, mmcv's ``{'meta', 'state_dict', 'optimizer'}``,
+``{'model': ...}`` (maskrcnn-benchmark, detectron-style) and effdet/timm training checkpoints
+(``state_dict``); ``module.`` prefixes (DataParallel) are stripped. Every failure is a one-line
+``UserError``.
+
+A converted checkpoint is a directory: ``variables/`` (an orbax checkpoint of
+``{'params', 'batch_stats'}``, possibly only a sub-tree such as the backbone) and
+``conversion.json`` (source, layout, the model options the source's semantics need, the mapping
+report and the measured parity). It is written to a temporary sibling and renamed into place, so
+an interrupted or failed conversion leaves nothing behind. ``config.init_from = DIR`` starts
+training (or evaluation) from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import zipfile
+from typing import Any
+
+import numpy as np
+
+from scaledet_jax.cli import UserError
+
+CONTAINER_KEYS = ("state_dict", "model")  # tried in this order when the file holds a wrapper dict
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def _is_tensor(value: Any) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+def load_state_dict(path: str) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
+    """(state dict as float32/int NumPy arrays, [(ignored top-level entry, reason)])."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path!r} not found")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.numpy import load_file
+
+            return dict(load_file(path)), []
+        except Exception as e:  # safetensors raises its own SafetensorError for bad headers
+            raise UserError(f"cannot read {path!r} as a safetensors file: {_one_line(e)}") from None
+    try:
+        import torch
+    except ImportError:
+        raise UserError("reading .pth/.pt checkpoints needs PyTorch: pip install torch (or convert to .safetensors)") from None
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Weights only load failed" in str(e):
+            raise UserError(
+                f"refusing to load {path!r}: it pickles Python objects that would run code when loaded; "
+                "only tensors and plain containers are accepted (re-save it with torch.save(model.state_dict()))"
+            ) from None
+        raise UserError(f"cannot read {path!r} as a PyTorch checkpoint: {_one_line(e)}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UserError(f"cannot read {path!r} as a PyTorch checkpoint (truncated or not a checkpoint?): {_one_line(e)}") from None
+    return unwrap(loaded, path)
+
+
+def unwrap(loaded: Any, path: str = "checkpoint") -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
+    """The state dict inside ``loaded``, NumPy-converted, ``module.`` prefixes removed."""
+    ignored: list[tuple[str, str]] = []
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path!r} holds a {type(loaded).__name__}, not a state dict")
+    state = loaded
+    for key in CONTAINER_KEYS:
+        if isinstance(loaded.get(key), dict) and loaded[key] and all(_is_tensor(v) for v in loaded[key].values()):
+            state = loaded[key]
+            ignored = [(k, f"checkpoint entry beside '{key}'") for k in loaded if k != key]
+            break
+    tensors = {k: v for k, v in state.items() if _is_tensor(v)}
+    if not tensors:
+        raise UserError(f"{path!r} contains no tensors (expected a state dict, or one under 'state_dict' / 'model')")
+    ignored += [(k, "not a tensor") for k in state if k not in tensors]
+    out = {}
+    for key, value in tensors.items():
+        array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+        out[key.removeprefix("module.")] = array
+    return out, ignored
+
+
+# ---------------------------------------------------------------------------------------------
+# Converted checkpoints
+# ---------------------------------------------------------------------------------------------
+
+VARIABLES_DIR, INFO_FILE = "variables", "conversion.json"
+
+
+def save_converted(output: str, variables: dict[str, Any], info: dict[str, Any], overwrite: bool = False) -> None:
+    """Writes ``output/variables`` (orbax) and ``output/conversion.json`` atomically."""
+    import orbax.checkpoint as ocp
+
+    output = os.path.abspath(output)
+    if os.path.exists(output) and os.listdir(output) and not overwrite:
+        raise UserError(f"output directory {output!r} exists and is not empty; choose another or pass --overwrite")
+    parent = os.path.dirname(output)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=os.path.basename(output) + ".partial-", dir=parent)
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(staging, VARIABLES_DIR), variables)
+        checkpointer.wait_until_finished()
+        with open(os.path.join(staging, INFO_FILE), "w") as f:
+            json.dump(info, f, indent=1)
+        if os.path.exists(output):
+            shutil.rmtree(output)
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def read_info(directory: str) -> dict[str, Any]:
+    path = os.path.join(directory, INFO_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{directory!r} is not a converted checkpoint (no {INFO_FILE}); create one with python -m scaledet_jax.convert")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_converted(directory: str) -> dict[str, Any]:
+    """The variables sub-tree stored in ``directory`` (NumPy arrays)."""
+    import orbax.checkpoint as ocp
+
+    read_info(directory)
+    return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(directory), VARIABLES_DIR))
+
+
+def apply_model_options(config, directory: str) -> list[str]:
+    """Sets the model options the converted weights need (stored by the converter); returns changes."""
+    changes = []
+    for dotted, value in read_info(directory).get("model_options", {}).items():
+        node = config.model
+        *path, leaf = dotted.split(".")
+        for part in path:
+            node = node[part]
+        if node[leaf] != value:
+            changes.append(f"model.{dotted}: {node[leaf]!r} -> {value!r}")
+            node[leaf] = value
+    return changes
+
+
+def merge_into(target: Any, loaded: Any, where: str = "") -> tuple[Any, int, int]:
+    """Replaces the leaves of ``target`` present in ``loaded`` (same shapes); (tree, loaded, kept)."""
+    if isinstance(loaded, dict):
+        if not isinstance(target, dict):
+            raise UserError(f"converted checkpoint has a sub-tree at {where or '/'} where the model has a tensor")
+        unknown = sorted(set(loaded) - set(target))
+        if unknown:
+            raise UserError(f"converted checkpoint has {where}/{unknown[0]} which the model does not (config mismatch?)")
+        out, n_loaded, n_kept = dict(target), 0, 0
+        for key, value in target.items():
+            if key in loaded:
+                out[key], a, b = merge_into(value, loaded[key], f"{where}/{key}")
+            else:
+                a, b = 0, len(_leaves(value))
+            n_loaded, n_kept = n_loaded + a, n_kept + b
+        return out, n_loaded, n_kept
+    if tuple(np.shape(loaded)) != tuple(target.shape):
+        raise UserError(f"converted {where} has shape {tuple(np.shape(loaded))}, the model {tuple(target.shape)} (config mismatch?)")
+    return np.asarray(loaded).astype(target.dtype), 1, 0
+
+
+def _leaves(tree: Any) -> list[Any]:
+    if isinstance(tree, dict):
+        return [leaf for value in tree.values() for leaf in _leaves(value)]
+    return [tree]

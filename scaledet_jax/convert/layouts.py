@@ -1,0 +1,95 @@
+"""The source layouts the converter reads, and how to check each against its PyTorch original.
+
+A layout names the tensors of one family of PyTorch checkpoints in our variable tree, the model
+options its semantics need (padding, activation, BN epsilon, ...), the part of our model it fills
+(``scope``: the whole detector, or only the backbone for ImageNet weights), and optionally a
+reference: a function building the original PyTorch module so the converter can measure parity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from scaledet_jax.convert import effdet as effdet_layout
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    name: str
+    description: str
+    source: Callable[..., Callable]  # (state keys, target shapes) -> source_key(path)
+    ignored: Callable[[str], str | None]
+    scope: tuple[str, ...] = ()
+    model_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    duplicates: Callable[[str], str | None] = lambda key: None
+    reference: Callable[[str, int], Any] | None = None  # (reference model name, image size) -> torch module
+    compare: Callable[..., dict[str, float]] | None = None  # (torch module, flax model, variables, images)
+
+
+def _effdet_reference(name: str, size: int):
+    import effdet
+
+    return effdet.create_model(name, pretrained=False, pretrained_backbone=False, image_size=(size, size))
+
+
+def _compare_detector(reference, model, variables, images: np.ndarray) -> dict[str, float]:
+    import torch
+
+    with torch.no_grad():
+        class_ref, box_ref = reference.eval()(torch.from_numpy(images).permute(0, 3, 1, 2))
+    outputs = model.apply(variables, images, train=False)
+    levels = sorted(outputs["class_outputs"])
+    worst = {"class": 0.0, "box": 0.0}
+    for level, cls, box in zip(levels, class_ref, box_ref, strict=True):
+        for kind, ours, theirs in (("class", outputs["class_outputs"][level], cls), ("box", outputs["box_outputs"][level], box)):
+            diff = np.max(np.abs(np.asarray(ours) - theirs.permute(0, 2, 3, 1).numpy()))
+            worst[kind] = max(worst[kind], float(diff))
+    return worst
+
+
+def _timm_reference(name: str, size: int):
+    import timm
+
+    return timm.create_model(name, pretrained=False, features_only=True)
+
+
+def _compare_backbone(reference, model, variables, images: np.ndarray) -> dict[str, float]:
+    import torch
+
+    with torch.no_grad():
+        features = reference.eval()(torch.from_numpy(images).permute(0, 3, 1, 2))
+    ours = model.apply(variables, images, train=False, method=lambda m, x, train: m.backbone(x, train))
+    worst = 0.0
+    for info, theirs in zip(reference.feature_info.get_dicts(), features, strict=True):
+        level = int(np.log2(info["reduction"]))
+        if level in ours:
+            worst = max(worst, float(np.max(np.abs(np.asarray(ours[level]) - theirs.permute(0, 2, 3, 1).numpy()))))
+    return {"features": worst}
+
+
+LAYOUTS = {
+    layout.name: layout
+    for layout in (
+        Layout(
+            name="effdet",
+            description="rwightman effdet tf_efficientdet_* (TF 'SAME' padding, BN eps 1e-3)",
+            source=effdet_layout.effdet_source,
+            ignored=effdet_layout.effdet_ignored,
+            reference=_effdet_reference,
+            compare=_compare_detector,
+        ),
+        Layout(
+            name="timm-efficientnet",
+            description="timm tf_efficientnet_b* ImageNet weights as the backbone initialisation",
+            source=lambda keys, shapes: effdet_layout.timm_efficientnet_source(keys, shapes, scope=("backbone",)),
+            ignored=effdet_layout.timm_efficientnet_ignored,
+            scope=("backbone",),
+            reference=_timm_reference,
+            compare=_compare_backbone,
+        ),
+    )
+}

@@ -1,0 +1,180 @@
+"""The checkpoint converter: CLI, safe loading, strict mapping, parity, and the round trip through main.py.
+
+Every PyTorch model here is real (effdet, timm), random-init with randomised biases/BN (see
+torch_reference.py), saved with torch.save / safetensors as a user would hold it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import effdet
+import numpy as np
+import pytest
+import timm
+import torch
+from configs_util import CONFIG_DIR
+from torch_reference import randomize_
+
+from scaledet_jax.cli import UserError
+from scaledet_jax.convert import checkpoint
+
+ROOT = str(CONFIG_DIR.parent)
+TOLERANCE = 1e-4
+
+
+def _convert(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "scaledet_jax.convert", *args], capture_output=True, text=True, timeout=900, cwd=ROOT
+    )
+
+
+def _main(*args):
+    return subprocess.run([sys.executable, "main.py", *args], capture_output=True, text=True, timeout=900, cwd=ROOT)
+
+
+def _one_error_line(result, message):
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def small_effdet(tmp_path_factory):
+    """effdet D0 shaped like configs/efficientdet_quickstart.py (3 classes, levels 3-5, 128 px), as a .pth."""
+    model = effdet.create_model(
+        "tf_efficientdet_d0",
+        pretrained=False,
+        pretrained_backbone=False,
+        num_classes=3,
+        max_level=5,
+        num_levels=3,
+        image_size=(128, 128),
+    )
+    randomize_(model, np.random.RandomState(0).normal(size=(8, 128, 128, 3)).astype(np.float32))
+    path = tmp_path_factory.mktemp("effdet") / "d0_small.pth"
+    torch.save({"meta": {"epoch": 3}, "state_dict": model.state_dict(), "optimizer": {"lr": torch.tensor(0.1)}}, path)
+    return path
+
+
+def test_effdet_converts_with_parity_and_report(small_effdet, tmp_path):
+    out = tmp_path / "converted"
+    result = _convert(
+        "--from=effdet",
+        "--config=configs/efficientdet_quickstart.py",
+        f"--input={small_effdet}",
+        f"--output={out}",
+        "--reference=tf_efficientdet_d0",
+        "--overwrite",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tensors mapped" in result.stdout and "batch-norm step counter" in result.stdout
+    info = json.load(open(out / "conversion.json"))
+    assert info["layout"] == "effdet" and info["mapped"] > 600
+    assert {reason for _, reason in info["ignored"]} >= {"batch-norm step counter", "checkpoint entry beside 'state_dict'"}
+    diffs = info["parity"]["max_abs_diff"]
+    assert max(diffs.values()) <= TOLERANCE, diffs
+    print(f"\nconvert effdet (3 classes, levels 3-5) @128: max abs diff {diffs}")
+
+
+def test_converted_checkpoint_evaluates_and_finetunes_through_main(small_effdet, tmp_path):
+    converted = tmp_path / "converted"
+    assert _convert(
+        "--from=effdet",
+        "--config=configs/efficientdet_quickstart.py",
+        f"--input={small_effdet}",
+        f"--output={converted}",
+    ).returncode == 0
+    tiny = [
+        "--config=configs/efficientdet_quickstart.py",
+        f"--config.init_from={converted}",
+        "--config.data.synthetic_train_images=8",
+        "--config.data.synthetic_val_images=4",
+        "--config.data.train_batch_size=4",
+        "--config.data.eval_batch_size=4",
+    ]
+    result = _main(*tiny, f"--workdir={tmp_path / 'eval'}", "--mode=eval")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "COCO AP@[.5:.95]" in result.stdout
+    assert isinstance(json.load(open(tmp_path / "eval" / "detections_0.json")), list)
+
+    result = _main(*tiny, f"--workdir={tmp_path / 'finetune'}", "--config.total_steps=2", "--mode=train")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Initialised" in result.stderr and os.path.isdir(tmp_path / "finetune" / "checkpoints" / "2")
+
+
+def test_timm_efficientnet_backbone_parity(tmp_path):
+    for name, config in (("tf_efficientnet_b0", "efficientdet_d0"), ("tf_efficientnet_b3", "efficientdet_d3")):
+        model = timm.create_model(name, pretrained=False)
+        randomize_(model, np.random.RandomState(0).normal(size=(4, 128, 128, 3)).astype(np.float32))
+        from safetensors.torch import save_file
+
+        path = tmp_path / f"{name}.safetensors"
+        save_file(model.state_dict(), str(path))
+        out = tmp_path / name
+        result = _convert(
+            "--from=timm-efficientnet",
+            f"--config=configs/{config}.py",
+            f"--input={path}",
+            f"--output={out}",
+            f"--reference={name}",
+            "--image_size=128",
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        info = json.load(open(out / "conversion.json"))
+        assert "ImageNet classifier head (not part of the detection backbone)" in {r for _, r in info["ignored"]}
+        assert info["parity"]["max_abs_diff"]["features"] <= TOLERANCE, info["parity"]
+        print(f"\nconvert timm {name} @128: features max abs diff {info['parity']['max_abs_diff']['features']:.1e}")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch hostile_marker",))
+
+
+def test_hostile_pickle_is_refused_and_nothing_runs(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _RunsCode()}, path)
+    result = _convert(
+        "--from=effdet", "--config=configs/efficientdet_d0.py", f"--input={path}", f"--output={tmp_path / 'out'}"
+    )
+    _one_error_line(result, "would run code")
+    assert not os.path.exists(os.path.join(ROOT, "hostile_marker"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text"])
+def test_unreadable_files_get_one_clear_line(small_effdet, tmp_path, kind):
+    path = tmp_path / "bad.pth"
+    data = open(small_effdet, "rb").read()
+    path.write_bytes(data[: len(data) // 2] if kind == "truncated" else b"this is not a checkpoint\n")
+    result = _convert(
+        "--from=effdet", "--config=configs/efficientdet_quickstart.py", f"--input={path}", f"--output={tmp_path / 'o'}"
+    )
+    _one_error_line(result, "cannot read")
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_wrong_config_lists_every_mismatch_and_writes_nothing(small_effdet, tmp_path):
+    result = _convert(
+        "--from=effdet", "--config=configs/efficientdet_d1.py", f"--input={small_effdet}", f"--output={tmp_path / 'o'}"
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "mis-shaped" in result.stderr and "missing" in result.stderr
+    assert not os.path.exists(tmp_path / "o") and not [p for p in os.listdir(tmp_path) if "partial" in p]
+
+
+def test_containers_and_prefixes():
+    tensors = {"a.weight": torch.ones(2, 3), "b.running_mean": torch.zeros(4)}
+    for container in (
+        tensors,
+        {"state_dict": tensors, "meta": {"x": 1}},
+        {"model": {f"module.{k}": v for k, v in tensors.items()}, "iteration": 5},
+    ):
+        state, _ = checkpoint.unwrap(container)
+        assert sorted(state) == ["a.weight", "b.running_mean"]
+        assert state["a.weight"].shape == (2, 3)
+    with pytest.raises(UserError, match="no tensors"):
+        checkpoint.unwrap({"meta": {"epoch": 1}})
