@@ -262,7 +262,9 @@ class Run:
         from scaledet_jax.convert import checkpoint
 
         loaded = checkpoint.load_converted(self.config.init_from)
-        params, n_params, fresh = checkpoint.merge_into(jax.device_get(state.params), loaded.get("params", {}), "params")
+        params, n_params, fresh = checkpoint.merge_into(
+            jax.device_get(state.params), loaded.get("params", {}), "params"
+        )
         stats, n_stats, _ = checkpoint.merge_into(
             jax.device_get(state.batch_stats), loaded.get("batch_stats", {}), "batch_stats"
         )

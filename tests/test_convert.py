@@ -44,15 +44,9 @@ def _one_error_line(result, message):
 @pytest.fixture(scope="module")
 def small_effdet(tmp_path_factory):
     """effdet D0 shaped like configs/efficientdet_quickstart.py (3 classes, levels 3-5, 128 px), as a .pth."""
-    model = effdet.create_model(
-        "tf_efficientdet_d0",
-        pretrained=False,
-        pretrained_backbone=False,
-        num_classes=3,
-        max_level=5,
-        num_levels=3,
-        image_size=(128, 128),
-    )
+    cfg = effdet.get_efficientdet_config("tf_efficientdet_d0")
+    cfg.num_classes, cfg.max_level, cfg.num_levels, cfg.image_size = 3, 5, 3, (128, 128)
+    model = effdet.EfficientDet(cfg, pretrained_backbone=False)
     randomize_(model, np.random.RandomState(0).normal(size=(8, 128, 128, 3)).astype(np.float32))
     path = tmp_path_factory.mktemp("effdet") / "d0_small.pth"
     torch.save({"meta": {"epoch": 3}, "state_dict": model.state_dict(), "optimizer": {"lr": torch.tensor(0.1)}}, path)
@@ -73,7 +67,10 @@ def test_effdet_converts_with_parity_and_report(small_effdet, tmp_path):
     assert "tensors mapped" in result.stdout and "batch-norm step counter" in result.stdout
     info = json.load(open(out / "conversion.json"))
     assert info["layout"] == "effdet" and info["mapped"] > 600
-    assert {reason for _, reason in info["ignored"]} >= {"batch-norm step counter", "checkpoint entry beside 'state_dict'"}
+    assert {reason for _, reason in info["ignored"]} >= {
+        "batch-norm step counter",
+        "checkpoint entry beside 'state_dict'",
+    }
     diffs = info["parity"]["max_abs_diff"]
     assert max(diffs.values()) <= TOLERANCE, diffs
     print(f"\nconvert effdet (3 classes, levels 3-5) @128: max abs diff {diffs}")
@@ -81,12 +78,15 @@ def test_effdet_converts_with_parity_and_report(small_effdet, tmp_path):
 
 def test_converted_checkpoint_evaluates_and_finetunes_through_main(small_effdet, tmp_path):
     converted = tmp_path / "converted"
-    assert _convert(
-        "--from=effdet",
-        "--config=configs/efficientdet_quickstart.py",
-        f"--input={small_effdet}",
-        f"--output={converted}",
-    ).returncode == 0
+    assert (
+        _convert(
+            "--from=effdet",
+            "--config=configs/efficientdet_quickstart.py",
+            f"--input={small_effdet}",
+            f"--output={converted}",
+        ).returncode
+        == 0
+    )
     tiny = [
         "--config=configs/efficientdet_quickstart.py",
         f"--config.init_from={converted}",

@@ -54,12 +54,8 @@ def main(argv: list[str]) -> None:
             raise UserError(f"--{name} is required")
     layout = LAYOUTS[FLAGS["from"].value]
     config = config_from_flags()
-    for dotted, value in layout.model_options.items():
-        node = config.model
-        *path, leaf = dotted.split(".")
-        for part in path:
-            node = node[part]
-        node[leaf] = value
+    checkpoint.check_output(FLAGS.output, FLAGS.overwrite)  # fail before the work, not after
+    checkpoint.set_model_options(config, layout.model_options)
 
     start = time.perf_counter()
     state, ignored_entries = checkpoint.load_state_dict(FLAGS.input)
@@ -80,7 +76,9 @@ def main(argv: list[str]) -> None:
             progress=_progress,
         )
     except torch_layout.ConversionError as e:
-        raise UserError(f"{FLAGS.input} does not fit {FLAGS['config'].config_filename} as --from={layout.name}: {e}") from None
+        raise UserError(
+            f"{FLAGS.input} does not fit {FLAGS['config'].config_filename} as --from={layout.name}: {e}"
+        ) from None
 
     parity = None
     if FLAGS.reference:
@@ -88,8 +86,13 @@ def main(argv: list[str]) -> None:
             raise UserError(f"layout {layout.name} has no reference model for parity")
         import torch
 
-        reference = layout.reference(FLAGS.reference, size)
-        reference.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}, strict=False)
+        reference = layout.reference(FLAGS.reference, config, size)
+        try:
+            reference.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}, strict=False)
+        except RuntimeError as e:
+            raise UserError(
+                f"--reference={FLAGS.reference} does not fit the checkpoint: {' '.join(str(e).split())[:300]}"
+            ) from None
         zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), dict(shapes))
         merged, _, _ = checkpoint.merge_into(zeros, variables)
         images = np.random.RandomState(0).normal(size=(1, size, size, 3)).astype(np.float32)
@@ -127,7 +130,9 @@ def main(argv: list[str]) -> None:
 def run() -> None:
     define_config_flag()
     flags.DEFINE_string("from", None, "Source layout: effdet, timm-efficientnet.")
-    flags.DEFINE_string("input", None, "PyTorch checkpoint (.pth/.pt via torch.load(weights_only=True), or .safetensors).")
+    flags.DEFINE_string(
+        "input", None, "PyTorch checkpoint (.pth/.pt via torch.load(weights_only=True), or .safetensors)."
+    )
     flags.DEFINE_string("output", None, "Directory for the converted checkpoint (must not exist or be empty).")
     flags.DEFINE_string("reference", None, "Original model name (e.g. tf_efficientdet_d0) to measure parity with.")
     flags.DEFINE_integer("image_size", None, "Input size for shapes and parity; default: the config's.")

@@ -55,7 +55,9 @@ def load_state_dict(path: str) -> tuple[dict[str, np.ndarray], list[tuple[str, s
     try:
         import torch
     except ImportError:
-        raise UserError("reading .pth/.pt checkpoints needs PyTorch: pip install torch (or convert to .safetensors)") from None
+        raise UserError(
+            "reading .pth/.pt checkpoints needs PyTorch: pip install torch (or convert to .safetensors)"
+        ) from None
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -66,7 +68,9 @@ def load_state_dict(path: str) -> tuple[dict[str, np.ndarray], list[tuple[str, s
             ) from None
         raise UserError(f"cannot read {path!r} as a PyTorch checkpoint: {_one_line(e)}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise UserError(f"cannot read {path!r} as a PyTorch checkpoint (truncated or not a checkpoint?): {_one_line(e)}") from None
+        raise UserError(
+            f"cannot read {path!r} as a PyTorch checkpoint (truncated or not a checkpoint?): {_one_line(e)}"
+        ) from None
     return unwrap(loaded, path)
 
 
@@ -99,13 +103,17 @@ def unwrap(loaded: Any, path: str = "checkpoint") -> tuple[dict[str, np.ndarray]
 VARIABLES_DIR, INFO_FILE = "variables", "conversion.json"
 
 
+def check_output(output: str, overwrite: bool = False) -> None:
+    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)) and not overwrite:
+        raise UserError(f"output {output!r} exists and is not an empty directory; choose another or pass --overwrite")
+
+
 def save_converted(output: str, variables: dict[str, Any], info: dict[str, Any], overwrite: bool = False) -> None:
     """Writes ``output/variables`` (orbax) and ``output/conversion.json`` atomically."""
     import orbax.checkpoint as ocp
 
     output = os.path.abspath(output)
-    if os.path.exists(output) and os.listdir(output) and not overwrite:
-        raise UserError(f"output directory {output!r} exists and is not empty; choose another or pass --overwrite")
+    check_output(output, overwrite)
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=os.path.basename(output) + ".partial-", dir=parent)
@@ -126,7 +134,10 @@ def save_converted(output: str, variables: dict[str, Any], info: dict[str, Any],
 def read_info(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, INFO_FILE)
     if not os.path.isfile(path):
-        raise UserError(f"{directory!r} is not a converted checkpoint (no {INFO_FILE}); create one with python -m scaledet_jax.convert")
+        raise UserError(
+            f"{directory!r} is not a converted checkpoint (no {INFO_FILE}); "
+            "create one with python -m scaledet_jax.convert"
+        )
     with open(path) as f:
         return json.load(f)
 
@@ -141,8 +152,13 @@ def load_converted(directory: str) -> dict[str, Any]:
 
 def apply_model_options(config, directory: str) -> list[str]:
     """Sets the model options the converted weights need (stored by the converter); returns changes."""
+    return set_model_options(config, read_info(directory).get("model_options", {}))
+
+
+def set_model_options(config, options: dict[str, Any]) -> list[str]:
+    """``config.model.<dotted key> = value`` for each option; returns the changes made."""
     changes = []
-    for dotted, value in read_info(directory).get("model_options", {}).items():
+    for dotted, value in options.items():
         node = config.model
         *path, leaf = dotted.split(".")
         for part in path:
@@ -160,7 +176,9 @@ def merge_into(target: Any, loaded: Any, where: str = "") -> tuple[Any, int, int
             raise UserError(f"converted checkpoint has a sub-tree at {where or '/'} where the model has a tensor")
         unknown = sorted(set(loaded) - set(target))
         if unknown:
-            raise UserError(f"converted checkpoint has {where}/{unknown[0]} which the model does not (config mismatch?)")
+            raise UserError(
+                f"converted checkpoint has {where}/{unknown[0]} which the model does not (config mismatch?)"
+            )
         out, n_loaded, n_kept = dict(target), 0, 0
         for key, value in target.items():
             if key in loaded:
@@ -170,7 +188,9 @@ def merge_into(target: Any, loaded: Any, where: str = "") -> tuple[Any, int, int
             n_loaded, n_kept = n_loaded + a, n_kept + b
         return out, n_loaded, n_kept
     if tuple(np.shape(loaded)) != tuple(target.shape):
-        raise UserError(f"converted {where} has shape {tuple(np.shape(loaded))}, the model {tuple(target.shape)} (config mismatch?)")
+        raise UserError(
+            f"converted {where} has shape {tuple(np.shape(loaded))}, the model {tuple(target.shape)} (config mismatch?)"
+        )
     return np.asarray(loaded).astype(target.dtype), 1, 0
 
 

@@ -26,14 +26,21 @@ class Layout:
     scope: tuple[str, ...] = ()
     model_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     duplicates: Callable[[str], str | None] = lambda key: None
-    reference: Callable[[str, int], Any] | None = None  # (reference model name, image size) -> torch module
+    reference: Callable[[str, Any, int], Any] | None = None  # (model name, our config, size) -> torch module
     compare: Callable[..., dict[str, float]] | None = None  # (torch module, flax model, variables, images)
 
 
-def _effdet_reference(name: str, size: int):
+def _effdet_reference(name: str, config, size: int):
+    """effdet's ``name`` reshaped like our config (classes, levels, size), random init, no download."""
     import effdet
 
-    return effdet.create_model(name, pretrained=False, pretrained_backbone=False, image_size=(size, size))
+    m = config.model
+    cfg = effdet.get_efficientdet_config(name)
+    cfg.num_classes = m.num_classes
+    cfg.min_level, cfg.max_level = m.min_level, m.max_level
+    cfg.num_levels = m.max_level - m.min_level + 1
+    cfg.image_size = (size, size)
+    return effdet.EfficientDet(cfg, pretrained_backbone=False)
 
 
 def _compare_detector(reference, model, variables, images: np.ndarray) -> dict[str, float]:
@@ -45,13 +52,16 @@ def _compare_detector(reference, model, variables, images: np.ndarray) -> dict[s
     levels = sorted(outputs["class_outputs"])
     worst = {"class": 0.0, "box": 0.0}
     for level, cls, box in zip(levels, class_ref, box_ref, strict=True):
-        for kind, ours, theirs in (("class", outputs["class_outputs"][level], cls), ("box", outputs["box_outputs"][level], box)):
+        for kind, ours, theirs in (
+            ("class", outputs["class_outputs"][level], cls),
+            ("box", outputs["box_outputs"][level], box),
+        ):
             diff = np.max(np.abs(np.asarray(ours) - theirs.permute(0, 2, 3, 1).numpy()))
             worst[kind] = max(worst[kind], float(diff))
     return worst
 
 
-def _timm_reference(name: str, size: int):
+def _timm_reference(name: str, config, size: int):
     import timm
 
     return timm.create_model(name, pretrained=False, features_only=True)
