@@ -10,15 +10,18 @@ import subprocess
 import sys
 
 import effdet
+import jax
 import numpy as np
 import pytest
 import timm
 import torch
-from configs_util import CONFIG_DIR
+from configs_util import CONFIG_DIR, load_config
 from torch_reference import randomize_
 
 from scaledet_jax.cli import UserError
 from scaledet_jax.convert import checkpoint
+from scaledet_jax.models import build_model
+from scaledet_jax.tools import profile
 
 ROOT = str(CONFIG_DIR.parent)
 TOLERANCE = 1e-4
@@ -66,7 +69,8 @@ def test_effdet_converts_with_parity_and_report(small_effdet, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tensors mapped" in result.stdout and "batch-norm step counter" in result.stdout
     info = json.load(open(out / "conversion.json"))
-    assert info["layout"] == "effdet" and info["mapped"] > 600
+    ours = profile.abstract_variables(build_model(load_config("efficientdet_quickstart").model), 128)
+    assert info["layout"] == "effdet" and info["mapped"] == len(jax.tree_util.tree_leaves(ours))  # every variable
     assert {reason for _, reason in info["ignored"]} >= {
         "batch-norm step counter",
         "checkpoint entry beside 'state_dict'",

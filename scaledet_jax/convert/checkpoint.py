@@ -22,7 +22,6 @@ import os
 import pickle
 import shutil
 import tempfile
-import zipfile
 from typing import Any
 
 import numpy as np
@@ -67,7 +66,7 @@ def load_state_dict(path: str) -> tuple[dict[str, np.ndarray], list[tuple[str, s
                 "only tensors and plain containers are accepted (re-save it with torch.save(model.state_dict()))"
             ) from None
         raise UserError(f"cannot read {path!r} as a PyTorch checkpoint: {_one_line(e)}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # torch raises RuntimeError, EOFError, IndexError, BadZipFile... for non-checkpoints
         raise UserError(
             f"cannot read {path!r} as a PyTorch checkpoint (truncated or not a checkpoint?): {_one_line(e)}"
         ) from None
