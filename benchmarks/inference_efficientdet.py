@@ -12,7 +12,6 @@ mode, ``torch.no_grad``). Prints our compile time, median latencies and the rati
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 
@@ -28,21 +27,13 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from scaledet_jax.models import build_model  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 flags.DEFINE_list("variants", ["d0"], "EfficientDet variants (d0..d7x).")
 flags.DEFINE_integer("batch_size", 1, "Images per forward.")
 flags.DEFINE_integer("repeats", 10, "Timed runs after warm-up; the median is reported.")
 flags.DEFINE_integer("threads", 0, "torch intra-op threads (0 = torch's default).")
 FLAGS = flags.FLAGS
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_one(variant: str, batch: int) -> tuple[int, float, float, float]:
@@ -59,13 +50,13 @@ def bench_one(variant: str, batch: int) -> tuple[int, float, float, float]:
     compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
     compile_s = time.perf_counter() - start
     jax.block_until_ready(compiled(variables, x))
-    ours = _median_seconds(lambda: jax.block_until_ready(compiled(variables, x)), FLAGS.repeats)
+    ours = median_seconds(lambda: jax.block_until_ready(compiled(variables, x)), FLAGS.repeats)
 
     reference = effdet.create_model(f"tf_efficientdet_{variant}", pretrained=False, pretrained_backbone=False).eval()
     t = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     with torch.no_grad():
         reference(t)
-        theirs = _median_seconds(lambda: reference(t), FLAGS.repeats)
+        theirs = median_seconds(lambda: reference(t), FLAGS.repeats)
     return size, compile_s, ours, theirs
 
 

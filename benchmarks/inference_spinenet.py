@@ -11,7 +11,6 @@ median latency and the ratio ours / Model Garden (< 1 means we are faster).
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 
@@ -27,6 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 from scaledet_jax.models import build_model  # noqa: E402
 
@@ -46,15 +46,6 @@ MODEL_IDS = {
 }
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def bench_one(name: str, images: np.ndarray) -> tuple[float, float, float, float]:
     """(our compile s, our median s, TF trace s, TF median s) for one config."""
     import tensorflow as tf
@@ -71,7 +62,7 @@ def bench_one(name: str, images: np.ndarray) -> tuple[float, float, float, float
     compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
     compile_s = time.perf_counter() - start
     jax.block_until_ready(compiled(variables, x))
-    ours = _median_seconds(lambda: jax.block_until_ready(compiled(variables, x)), FLAGS.repeats)
+    ours = median_seconds(lambda: jax.block_until_ready(compiled(variables, x)), FLAGS.repeats)
 
     keras_model, _ = build_retinanet_spinenet(
         MODEL_IDS[name], size, config.model.head.num_filters, head_convs=config.model.head.num_convs
@@ -86,7 +77,7 @@ def bench_one(name: str, images: np.ndarray) -> tuple[float, float, float, float
     start = time.perf_counter()
     tf_forward(t)
     tf_trace_s = time.perf_counter() - start
-    reference = _median_seconds(lambda: [v.numpy() for d in tf_forward(t) for v in d.values()], FLAGS.repeats)
+    reference = median_seconds(lambda: [v.numpy() for d in tf_forward(t) for v in d.values()], FLAGS.repeats)
     return compile_s, ours, tf_trace_s, reference
 
 

@@ -24,13 +24,7 @@ def get_config():
     m.anchor.anchor_size = 2.0
     m.detection.pre_nms_top_k = 1000
 
-    d = config.data
-    d.source = "synthetic"
-    d.train_split, d.eval_split = "train", "val"
-    d.train_batch_size = 16
-    d.eval_batch_size = 16
-    d.max_instances = 8
-    d.aug_scale_min, d.aug_scale_max = 0.8, 1.25
+    defaults.use_synthetic_data(config)
 
     o = config.optim
     # From scratch on 600 images Adam learns several times faster than SGD here: at 500 steps AP 0.37

@@ -96,6 +96,17 @@ def get_config() -> ml_collections.ConfigDict:
     return config
 
 
+def use_synthetic_data(config: ml_collections.ConfigDict, batch_size: int = 16) -> None:
+    """The built-in synthetic shapes (600 train / 100 held-out images, 1-6 objects each) with mild
+    scale jitter, as the quickstart recipes train on them."""
+    d = config.data
+    d.source = "synthetic"
+    d.train_split, d.eval_split = "train", "val"
+    d.train_batch_size = d.eval_batch_size = batch_size
+    d.max_instances = 8
+    d.aug_scale_min, d.aug_scale_max = 0.8, 1.25
+
+
 # automl's EfficientDet table: (input size, BiFPN width, BiFPN repeats, head repeats, backbone,
 # BiFPN fusion, anchor scale, max level).
 EFFICIENTDET_VARIANTS = {

@@ -117,15 +117,8 @@ def conv_init() -> Any:
 
 
 def depthwise_init() -> Any:
-    """automl's initialiser for a TF depthwise kernel [k, k, C, 1]: fan_out = k * k (Flax stores [k, k, 1, C])."""
-    return nn.initializers.variance_scaling(2.0, "fan_out", "normal", in_axis=-1, out_axis=-2)
-
-
-def depthwise_conv(
-    channels: int, kernel: int, stride: int = 1, *, padding: str, dtype=None, name=None
-) -> snn.DepthwiseConv:
-    del channels  # one filter per input channel
-    return snn.DepthwiseConv(kernel, stride, padding=padding, kernel_init=depthwise_init(), dtype=dtype, name=name)
+    """automl's initialiser for a TF depthwise kernel [k, k, C, 1]: fan_out = k * k."""
+    return snn.keras_depthwise(nn.initializers.variance_scaling, 2.0, "fan_out", "normal")
 
 
 class MBConvBlock(nn.Module):
@@ -152,8 +145,13 @@ class MBConvBlock(nn.Module):
                 expanded, 1, padding=self.padding, kernel_init=conv_init(), dtype=self.dtype, name="expand_conv"
             )(x)
             x = act(bn("expand_bn")(x, use_running_average=not train))
-        x = depthwise_conv(
-            expanded, spec.kernel, spec.stride, padding=self.padding, dtype=self.dtype, name="depthwise_conv"
+        x = snn.DepthwiseConv(
+            spec.kernel,
+            spec.stride,
+            padding=self.padding,
+            kernel_init=depthwise_init(),
+            dtype=self.dtype,
+            name="depthwise_conv",
         )(x)
         x = act(bn("depthwise_bn")(x, use_running_average=not train))
         if spec.se_ratio:
