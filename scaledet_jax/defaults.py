@@ -21,6 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.name = "retinanet"
     model.num_classes = 91  # COCO category ids 1..90 plus background slot 0, as Model Garden
     model.background_slot = True  # output 0 unused (Model Garden); False: output c is category c + 1 (automl)
+    # With background_slot False: output c is category category_ids[c] (mmdetection's 80 contiguous
+    # COCO classes); empty = category c + 1.
+    model.category_ids = ()
     model.image_size = 640  # square input; must be a multiple of 2**max_level
     model.min_level = 3
     model.max_level = 7
@@ -30,9 +33,15 @@ def get_config() -> ml_collections.ConfigDict:
     model.pool_padding = "same"
     model.norm = ml_collections.ConfigDict(dict(momentum=0.99, epsilon=1e-3))
     model.backbone = ml_collections.ConfigDict(
-        dict(name="spinenet", model_id="49", stochastic_depth_rate=0.2, endpoint_activation=True)
+        dict(
+            name="spinenet",
+            model_id="49",
+            stochastic_depth_rate=0.2,
+            endpoint_activation=True,
+            resample_pooling="repeated",  # 'single': mmdetection port (one 5x5/4 pool from level 4 to 7)
+        )
     )
-    model.head = ml_collections.ConfigDict(dict(num_convs=4, num_filters=256))
+    model.head = ml_collections.ConfigDict(dict(num_convs=4, num_filters=256, conv_bias=True))
     model.anchor = ml_collections.ConfigDict(dict(num_scales=3, aspect_ratios=[0.5, 1.0, 2.0], anchor_size=3.0))
     model.detection = ml_collections.ConfigDict(
         dict(pre_nms_top_k=5000, score_threshold=0.05, nms_iou_threshold=0.5, max_detections=100)
@@ -139,7 +148,7 @@ def efficientdet_config(variant: str) -> ml_collections.ConfigDict:
     m.decoder = ml_collections.ConfigDict(
         dict(name="bifpn", num_filters=width, num_repeats=repeats, weight_method=fusion)
     )
-    m.head = ml_collections.ConfigDict(dict(num_convs=head_repeats, num_filters=width))
+    m.head = ml_collections.ConfigDict(dict(num_convs=head_repeats, num_filters=width, conv_bias=True))
     m.anchor = ml_collections.ConfigDict(dict(num_scales=3, aspect_ratios=[1.0, 2.0, 0.5], anchor_size=anchor_scale))
 
     config.data.train_batch_size = 64

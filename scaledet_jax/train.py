@@ -142,8 +142,14 @@ def compute_losses(config, model, params, batch_stats, batch, anchors, rng, trai
     )
     targets = jax.vmap(label)(batch["boxes"], batch["classes"], batch["valid"], batch["crowd"])
     cls_targets = targets["cls_targets"]
-    if not config.model.get("background_slot", True):  # automl layout: output c is category c + 1
-        cls_targets = jnp.where(cls_targets > 0, cls_targets - 1, -1)
+    if not config.model.get("background_slot", True):
+        category_ids = config.model.get("category_ids", ())
+        if category_ids:  # mmdetection layout: output c is category_ids[c]; other ids train as background
+            table = category_index_table(category_ids)
+            known = (cls_targets > 0) & (cls_targets < table.shape[0])
+            cls_targets = jnp.where(known, table[jnp.clip(cls_targets, 0, table.shape[0] - 1)], -1)
+        else:  # automl layout: output c is category c + 1
+            cls_targets = jnp.where(cls_targets > 0, cls_targets - 1, -1)
     c = config.loss
     parts = losses.retinanet_loss(
         logits,
@@ -161,6 +167,14 @@ def compute_losses(config, model, params, batch_stats, batch, anchors, rng, trai
     parts["l2_loss"] = l2_penalty(params, c.l2_weight_decay)
     parts["total_loss"] = parts["model_loss"] + parts["l2_loss"]
     return parts["total_loss"], (parts, new_stats)
+
+
+def category_index_table(category_ids) -> jax.Array:
+    """table[id] = the output index of category ``id``; -1 for ids without an output."""
+    table = np.full(max(category_ids) + 1, -1, np.int32)
+    for index, category in enumerate(category_ids):
+        table[category] = index
+    return jnp.asarray(table)
 
 
 def train_step(config, model, tx, schedule, anchors, base_rng, state: TrainState, batch):
@@ -202,6 +216,7 @@ def predict_step(config, model, anchors, variables, images):
         d.nms_iou_threshold,
         d.max_detections,
         background_slot=config.model.get("background_slot", True),
+        category_ids=tuple(config.model.get("category_ids", ())),
     )
 
 

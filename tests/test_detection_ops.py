@@ -201,8 +201,8 @@ def test_nms_masked_scores_never_kept():
     assert set(np.asarray(keep)[np.asarray(valid)]) <= set(range(5))
 
 
-@pytest.mark.parametrize("background_slot", [True, False])
-def test_generate_detections_class_layouts(background_slot):
+@pytest.mark.parametrize("background_slot,category_ids", [(True, ()), (False, ()), (False, (7, 20, 31, 90))])
+def test_generate_detections_class_layouts(background_slot, category_ids):
     from scaledet_jax.ops import detection
 
     # Two anchors; anchor 0 fires on output channel 2, anchor 1 on channel 0.
@@ -210,8 +210,9 @@ def test_generate_detections_class_layouts(background_slot):
     logits = np.full((1, 2, 4), -10.0, np.float32)
     logits[0, 0, 2], logits[0, 1, 0] = 5.0, 4.0
     out = detection.generate_detections(
-        jnp.asarray(logits), jnp.zeros((1, 2, 4)), anchors, 128, 8, 0.05, 0.5, 4, background_slot=background_slot
-    )
+        jnp.asarray(logits), jnp.zeros((1, 2, 4)), anchors, 128, 8, 0.05, 0.5, 4,
+        background_slot=background_slot, category_ids=category_ids,
+    )  # fmt: skip
     found = {
         int(c): tuple(np.asarray(b))
         for c, b, v in zip(out["classes"][0], out["boxes"][0], out["valid"][0], strict=True)
@@ -219,5 +220,20 @@ def test_generate_detections_class_layouts(background_slot):
     }
     if background_slot:  # Model Garden: channel c is category c, channel 0 is never reported
         assert found == {2: (10.0, 10.0, 30.0, 30.0)}
-    else:  # automl: channel c is category c + 1
+    elif not category_ids:  # automl: channel c is category c + 1
         assert found == {3: (10.0, 10.0, 30.0, 30.0), 1: (50.0, 50.0, 90.0, 90.0)}
+    else:  # mmdetection: channel c is category_ids[c]
+        assert found == {31: (10.0, 10.0, 30.0, 30.0), 7: (50.0, 50.0, 90.0, 90.0)}
+
+
+def test_category_ids_map_training_targets_to_outputs():
+    from scaledet_jax.train import category_index_table
+
+    table = np.asarray(category_index_table((1, 2, 4, 90)))
+    assert table.shape == (91,) and list(table[[1, 2, 4, 90]]) == [0, 1, 2, 3]
+    assert (np.delete(table, [1, 2, 4, 90]) == -1).all()  # other ids (and 0) have no output
+    with pytest.raises(ValueError, match="background_slot=False"):
+        from scaledet_jax.ops import detection
+
+        detection.generate_detections(jnp.zeros((1, 2, 4)), jnp.zeros((1, 2, 4)), jnp.zeros((2, 4)), 128,
+                                      category_ids=(1, 2, 3, 4))  # fmt: skip

@@ -9,6 +9,8 @@ O(1) through deep networks and the statistics are genuinely data-dependent.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
@@ -20,7 +22,7 @@ def randomize_(model: torch.nn.Module, calibration_images: np.ndarray, seed: int
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "edge_weights" in name:
+            if "edge_weights" in name or re.search(r"_merge\.\d+\.weight$", name):  # BiFPN fusion weights
                 p.copy_(torch.rand(p.shape, generator=generator) + 0.5)
             elif name.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.1)

@@ -216,11 +216,18 @@ class BlockGroup(nn.Module):
         return x
 
 
+RESAMPLE_POOLINGS = ("repeated", "single")
+
+
 class Resample(nn.Module):
     """Matches a parent to a target block's level and width (Model Garden ``_resample_with_alpha``).
 
     1x1 squeeze to int(parent filters * alpha), then a 3x3/2 conv plus max pools down, or nearest
     upsampling up, then a 1x1 expand (no activation) to the target channels.
+
+    Down by n > 1 levels, ``pooling='repeated'`` (Model Garden) applies n - 1 max pools 3x3/2;
+    ``'single'`` (the mmdetection port) one max pool of stride 2**(n-1), kernel 3 for n = 2 and
+    5 beyond (level 4 -> 7: one 5x5/4 pool; not the same function as two 3x3/2 pools).
     """
 
     parent_level: int
@@ -234,10 +241,13 @@ class Resample(nn.Module):
     bn_epsilon: float = 1e-3
     padding: str = "same"
     pool_padding: str = "same"
+    pooling: str = "repeated"
     dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
+        if self.pooling not in RESAMPLE_POOLINGS:
+            raise ValueError(f"resample pooling must be one of {RESAMPLE_POOLINGS}, got {self.pooling!r}")
         kw = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, padding=self.padding, dtype=self.dtype)
         parent_filters = self.parent_channels
         if self.parent_block_fn == "bottleneck":
@@ -246,8 +256,12 @@ class Resample(nn.Module):
         x = snn.ConvBN(squeezed, 1, activation=self.activation, name="squeeze", **kw)(x, train)
         if self.parent_level < self.target_level:
             x = snn.ConvBN(squeezed, 3, 2, activation=self.activation, name="downsample", **kw)(x, train)
-            for _ in range(self.target_level - self.parent_level - 1):
-                x = snn.max_pool(x, 3, 2, self.pool_padding)
+            extra = self.target_level - self.parent_level - 1
+            if self.pooling == "single" and extra > 0:
+                x = snn.max_pool(x, 3 if extra == 1 else 5, 2**extra, self.pool_padding)
+            else:
+                for _ in range(extra):
+                    x = snn.max_pool(x, 3, 2, self.pool_padding)
         elif self.parent_level > self.target_level:
             x = snn.nearest_upsample(x, 2 ** (self.parent_level - self.target_level))
         return snn.ConvBN(self.target_channels, 1, name="expand", **kw)(x, train)
@@ -273,6 +287,7 @@ class SpineNet(nn.Module):
     conv_padding: str = "same"  # 'symmetric' for PyTorch-trained weights
     pool_padding: str = "same"  # mmdetection's port pads max pools symmetrically
     endpoint_activation: bool = True  # the mmdetection port has none
+    resample_pooling: str = "repeated"  # 'single': the mmdetection port's one pool per resample
     dtype: Any = None
 
     @classmethod
@@ -325,6 +340,7 @@ class SpineNet(nn.Module):
                         alpha=self.resample_alpha,
                         activation=self.activation,
                         pool_padding=self.pool_padding,
+                        pooling=self.resample_pooling,
                         name=f"merge_{plan.index}_resample_{k}",
                         **kw,
                     )(net[j], train)

@@ -55,11 +55,12 @@ def main(argv: list[str]) -> None:
     layout = LAYOUTS[FLAGS["from"].value]
     config = config_from_flags()
     checkpoint.check_output(FLAGS.output, FLAGS.overwrite)  # fail before the work, not after
-    checkpoint.set_model_options(config, layout.model_options)
 
     start = time.perf_counter()
     state, ignored_entries = checkpoint.load_state_dict(FLAGS.input)
     print(f"read {len(state)} tensors from {FLAGS.input} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
+    model_options = layout.options(state, config)
+    checkpoint.set_model_options(config, model_options)
     model = build_model(config.model)
     size = FLAGS.image_size or config.model.image_size
     shapes = profile.abstract_variables(model, size)
@@ -74,6 +75,7 @@ def main(argv: list[str]) -> None:
             layout.ignored,
             layout.duplicates,
             progress=_progress,
+            transform=layout.transform(config) if layout.transform else None,
         )
     except torch_layout.ConversionError as e:
         raise UserError(
@@ -103,7 +105,7 @@ def main(argv: list[str]) -> None:
         "source": os.path.abspath(FLAGS.input),
         "config": FLAGS["config"].config_filename,
         "scope": list(layout.scope),
-        "model_options": layout.model_options,
+        "model_options": model_options,
         "mapped": len(report.mapped),
         "ignored": [list(item) for item in ignored_entries + report.ignored],
         "shared_checked": [list(item) for item in report.shared_checked],
@@ -118,8 +120,12 @@ def main(argv: list[str]) -> None:
         reasons[reason] = reasons.get(reason, 0) + 1
     for reason, count in sorted(reasons.items()):
         print(f"  ignored {count:>5}  {reason}")
-    if layout.model_options:
-        print("  model options set: " + ", ".join(f"{k}={v!r}" for k, v in layout.model_options.items()))
+    if model_options:
+        shown = {
+            k: f"<{len(v)} ids>" if isinstance(v, (list, tuple)) and len(v) > 8 else repr(v)
+            for k, v in model_options.items()
+        }
+        print("  model options set: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     if parity:
         worst = ", ".join(f"{k} {v:.2e}" for k, v in parity.items())
         print(f"  parity vs {FLAGS.reference} @ {size}: max abs diff {worst}")
@@ -129,7 +135,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     define_config_flag()
-    flags.DEFINE_string("from", None, "Source layout: effdet, timm-efficientnet.")
+    flags.DEFINE_string("from", None, "Source layout: mmdet-spinenet, effdet, timm-efficientnet.")
     flags.DEFINE_string(
         "input", None, "PyTorch checkpoint (.pth/.pt via torch.load(weights_only=True), or .safetensors)."
     )

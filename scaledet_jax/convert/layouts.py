@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from scaledet_jax.convert import effdet as effdet_layout
+from scaledet_jax.convert import mmdet as mmdet_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,14 @@ class Layout:
     duplicates: Callable[[str], str | None] = lambda key: None
     reference: Callable[[str, Any, int], Any] | None = None  # (model name, our config, size) -> torch module
     compare: Callable[..., dict[str, float]] | None = None  # (torch module, flax model, variables, images)
+    # Options read from the checkpoint itself (e.g. the number of classes): (state, config) -> options.
+    options_from_state: Callable[[Any, Any], dict[str, Any]] = lambda state, config: {}
+    # (config) -> (path, array) -> array: re-orders tensors whose channel order differs from ours.
+    transform: Callable[[Any], Callable[[tuple, np.ndarray], np.ndarray]] | None = None
+
+    def options(self, state, config) -> dict[str, Any]:
+        """Every model option the converted weights need: the layout's and the checkpoint's."""
+        return {**self.model_options, **self.options_from_state(state, config)}
 
 
 def _effdet_reference(name: str, config, size: int):
@@ -91,6 +100,26 @@ LAYOUTS = {
             ignored=effdet_layout.effdet_ignored,
             reference=_effdet_reference,
             compare=_compare_detector,
+        ),
+        Layout(
+            name="mmdet-spinenet",
+            description="mmdetection v1.1 SpineNet RetinaNet (yan-roo / lucifer443 SpineNet-Pytorch)",
+            source=mmdet_layout.spinenet_source,
+            ignored=mmdet_layout.spinenet_ignored,
+            model_options=mmdet_layout.SPINENET_OPTIONS,
+            duplicates=mmdet_layout.head_duplicates,
+            options_from_state=mmdet_layout.retinanet_class_options,
+            transform=mmdet_layout.predictor_transform,
+        ),
+        Layout(
+            name="mmdet-efficientdet",
+            description="mmdetection v1.1 EfficientDet D0-D5 (lucifer443 EfficientDet-Pytorch)",
+            source=mmdet_layout.efficientdet_source,
+            ignored=mmdet_layout.spinenet_ignored,
+            model_options=mmdet_layout.EFFICIENTDET_OPTIONS,
+            duplicates=mmdet_layout.head_duplicates,
+            options_from_state=mmdet_layout.retinanet_class_options,
+            transform=mmdet_layout.efficientdet_transform,
         ),
         Layout(
             name="timm-efficientnet",

@@ -80,13 +80,15 @@ def convert(
     ignore: Callable[[str], str | None] = lambda key: None,
     duplicates: Callable[[str], str | None] = lambda key: None,
     progress: Callable[[int, int], None] | None = None,
+    transform: Callable[[Path, np.ndarray], np.ndarray] | None = None,
 ) -> tuple[dict[str, Any], ConversionReport]:
     """Fills every variable of ``target_shapes`` (``{'params': ..., 'batch_stats': ...}`` of shapes).
 
     ``source_key(path)`` names the tensor for a target; ``ignore(key)`` returns a reason for source
     keys that are deliberately unused; ``duplicates(key)`` returns, for a tensor the source stores
     more than once (shared head convs saved per level), the key of the copy that is used — the
-    copies must be equal.
+    copies must be equal. ``transform(path, array)`` re-orders a tensor already in Flax layout
+    (e.g. predictor channels of a source whose anchor order differs); it must keep the shape.
     """
     report = ConversionReport()
     flat_targets = traverse_util.flatten_dict(dict(target_shapes))
@@ -104,6 +106,8 @@ def convert(
             used.add(key)  # reported as mis-shaped, not also as unexpected
             misshaped.append(f"{key}: {tuple(array.shape)} -> {'/'.join(path)} {shape}")
             continue
+        if transform is not None:
+            array = transform(path, array)
         out[path] = array.astype(np.float32) if np.issubdtype(array.dtype, np.floating) else array
         used.add(key)
         report.mapped.append((key, "/".join(path)))

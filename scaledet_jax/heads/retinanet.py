@@ -37,16 +37,17 @@ class RetinaNetHead(nn.Module):
     bn_epsilon: float = 1e-3
     padding: str = "same"
     prior_prob: float = 0.01
+    conv_bias: bool = True  # tower convs; the mmdetection SpineNet head has none (BN follows)
     separable: bool = False
     dtype: Any = None
 
-    def _conv(self, features: int, name: str, kernel_init, bias_init=nn.initializers.zeros):
+    def _conv(self, features: int, name: str, kernel_init, bias_init=nn.initializers.zeros, use_bias: bool = True):
         if self.separable:
             scaling = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
             return snn.SeparableConv(
                 features,
                 3,
-                use_bias=True,
+                use_bias=use_bias,
                 padding=self.padding,
                 depthwise_init=snn.keras_depthwise(nn.initializers.variance_scaling, 1.0, "fan_in", "truncated_normal"),
                 pointwise_init=scaling,
@@ -57,7 +58,7 @@ class RetinaNetHead(nn.Module):
         return snn.conv(
             features,
             3,
-            use_bias=True,
+            use_bias=use_bias,
             padding=self.padding,
             kernel_init=kernel_init,
             bias_init=bias_init,
@@ -72,7 +73,10 @@ class RetinaNetHead(nn.Module):
         predict_init = nn.initializers.normal(1e-5)
 
         def tower(prefix: str):
-            return [self._conv(self.num_filters, f"{prefix}_conv_{i}", tower_init) for i in range(self.num_convs)]
+            return [
+                self._conv(self.num_filters, f"{prefix}_conv_{i}", tower_init, use_bias=self.conv_bias)
+                for i in range(self.num_convs)
+            ]
 
         class_convs, box_convs = tower("class"), tower("box")
         class_predict = self._conv(

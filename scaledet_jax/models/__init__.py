@@ -75,6 +75,7 @@ def _build_spinenet(model_config: ml_collections.ConfigDict) -> nn.Module:
         conv_padding=model_config.get("conv_padding", "same"),
         pool_padding=model_config.get("pool_padding", "same"),
         endpoint_activation=b.get("endpoint_activation", True),
+        resample_pooling=b.get("resample_pooling", "repeated"),
         dtype=_dtype(model_config),
     )
 
@@ -94,6 +95,7 @@ def _retinanet_head(model_config: ml_collections.ConfigDict, separable: bool = F
         bn_momentum=model_config.norm.momentum,
         bn_epsilon=model_config.norm.epsilon,
         padding=model_config.get("conv_padding", "same"),
+        conv_bias=h.get("conv_bias", True),
         separable=separable,
         dtype=_dtype(model_config),
     )

@@ -1,12 +1,15 @@
 """Raw RetinaNet outputs -> final detections, with fixed shapes (jit-compiled predict).
 
 Per image: sigmoid scores of every (anchor, class), class 0 dropped when it is Model Garden's unused
-background slot (automl's EfficientDet has none: output ``i`` is category ``i + 1``); the top
+background slot (automl's EfficientDet has none: output ``i`` is category ``i + 1``, or
+``category_ids[i]`` for mmdetection's contiguous classes); the top
 ``pre_nms_top_k`` candidates; boxes decoded against their anchors and clipped to the image;
 candidates under ``score_threshold`` masked; per-class NMS; ``max_detections`` kept.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,11 +34,19 @@ def generate_detections(
     nms_iou_threshold: float = 0.5,
     max_detections: int = 100,
     background_slot: bool = True,
+    category_ids: Sequence[int] = (),
 ) -> dict[str, Array]:
     """class_logits [B, N, C], box_outputs [B, N, 4], anchors [N, 4] -> boxes/scores/classes/valid.
 
-    ``classes`` are category ids: output index ``c`` with a background slot, ``c + 1`` without.
+    ``classes`` are category ids: output index ``c`` with a background slot, ``c + 1`` without,
+    ``category_ids[c]`` when given (no background slot).
     """
+    if category_ids and (background_slot or len(category_ids) != class_logits.shape[-1]):
+        raise ValueError(
+            f"category_ids needs background_slot=False and one id per output ({class_logits.shape[-1]}), "
+            f"got {len(category_ids)} ids"
+        )
+    id_table = jnp.asarray((0, *category_ids), jnp.int32) if category_ids else None
 
     def one_image(logits, codes):
         if background_slot:
@@ -45,6 +56,8 @@ def generate_detections(
         k = min(pre_nms_top_k, scores.shape[0])
         top_scores, top_index = jax.lax.top_k(scores, k)
         anchor_index, classes = top_index // num_fg, top_index % num_fg + 1
+        if id_table is not None:
+            classes = id_table[classes]
         boxes = box_coder.decode_boxes(codes[anchor_index].astype(jnp.float32), anchors[anchor_index])
         boxes = jnp.clip(boxes, 0.0, float(image_size))
         masked = jnp.where(top_scores >= score_threshold, top_scores, -jnp.inf)

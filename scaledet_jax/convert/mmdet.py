@@ -1,0 +1,313 @@
+"""mmdetection v1.1 checkpoints: the SpineNet RetinaNet of yan-roo / lucifer443 SpineNet-Pytorch and
+the EfficientDet of lucifer443 EfficientDet-Pytorch.
+
+SpineNet
+--------
+
+Keys (``backbone.`` then ``bbox_head.``): the stem ``conv1.{conv,bn}``, stem blocks
+``init_block{1,2}.{r}``, the scale-permuted blocks ``scale_permuted_blocks.{i}.{r}`` (mmdet v1
+ResNet blocks: ``conv{1,2,3}.weight``, ``bn{1,2,3}.*``, projection ``downsample.{0,1}``), the
+cross-scale merges ``merge_ops.{i}.resample_ops.{k}.{squeeze,downsample,expand}_conv.{conv,bn}``,
+the endpoints ``endpoint_convs.{level}``; the head's towers ``{cls,reg}_convs.{level}.{k}``
+(the conv shared by all levels but stored once per level, the BN per level) and the predictors
+``retina_{cls,reg}``.
+
+Semantics (model options, set by the converter and stored with the converted checkpoint): ReLU,
+symmetric conv and max-pool padding, endpoints without activation, one max pool per resample
+(level 4 -> 7 is a single 5x5/4 pool), head tower convs without bias, sigmoid classes without a
+background output (80 COCO classes: output ``c`` is the ``c``-th COCO category id).
+
+The predictors are permuted into our channel order on conversion: mmdetection orders a location's
+anchors ratio-major with ratio = h / w and encodes boxes as (dx, dy, dw, dh); Model Garden (and
+this project) orders them scale-major with aspect = w / h and encodes (dy, dx, dh, dw).
+
+EfficientDet
+------------
+Keys: the backbone in lukemelas' EfficientNet-PyTorch layout (``backbone._conv_stem``, ``_bn0``,
+``_blocks.{i}._{expand,depthwise,project}_conv``, ``._bn{0,1,2}``, ``._se_{reduce,expand}``; the
+blocks numbered over the whole network as ours), P6 from C5 in ``neck.extra_ops.0.conv``, the BiFPN
+nodes ``neck.stack_bifpns.{cell}.top_down_merge.{n}`` (our nodes 0..L-2) and ``bottom_up_merge.{n}``
+(our nodes L-1..), each with its fusion ``weight``, ``resample_ops.{input}.conv.{conv,bn}`` and the
+separable ``conv.depthwise`` / ``conv.pointwise.{conv,bn}``; the head as SpineNet's but separable
+(``{cls,reg}_convs.{level}.{k}.{depthwise,pointwise.conv,pointwise.bn}``, ``retina_{cls,reg}``).
+
+Semantics: the network is automl's except that every down-sampling max pool (P6, P7, the BiFPN's
+bottom-up edges) pads symmetrically (``pool_padding='symmetric'``; the backbone's static 'same'
+padding equals TF 'SAME' at the multiple-of-128 sizes it runs at), and the BiFPN nodes list their
+inputs in another order (the fusion weights and resample ops are re-ordered on conversion). Classes
+and predictors as for SpineNet.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from scaledet_jax.cli import UserError
+from scaledet_jax.convert.torch_layout import BN_IGNORED_SUFFIX, Path, leaf_name
+
+# mmdetection's CocoDataset classes in order: contiguous label c + 1 is this COCO category id.
+COCO_80_CATEGORY_IDS = (
+    *range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70,
+    *range(72, 83), *range(84, 91),
+)  # fmt: skip
+
+SPINENET_OPTIONS = {
+    "activation": "relu",
+    "conv_padding": "symmetric",
+    "pool_padding": "symmetric",
+    "backbone.endpoint_activation": False,
+    "backbone.resample_pooling": "single",
+    "head.conv_bias": False,
+    "background_slot": False,
+}
+
+_CONV_BN = {"conv": "conv", "bn": "bn"}  # ConvModule children
+
+
+def _block_key(local: Path, leaf: str) -> str | None:
+    """Our residual/bottleneck block (``conv{n}/{conv,bn}``, ``shortcut/{conv,bn}``) -> mmdet v1 ResNet keys."""
+    module, part = local[0], local[1]
+    if module == "shortcut":
+        return f"downsample.{0 if part == 'conv' else 1}.{leaf}"
+    m = re.fullmatch(r"conv(\d)", module)
+    if not m:
+        return None
+    return f"conv{m.group(1)}.{leaf}" if part == "conv" else f"bn{m.group(1)}.{leaf}"
+
+
+def spinenet_source(state_keys, target_shapes: Mapping[str, Any], min_level: int = 3):
+    """``source_key`` for our SpineNet RetinaNet from the mmdetection port's keys."""
+
+    def source(path: Path) -> str | None:
+        part, local, leaf = path[1], path[2:], leaf_name(path)
+        if part == "backbone":
+            name = local[0]
+            if name == "stem":
+                return f"backbone.conv1.{_CONV_BN[local[1]]}.{leaf}"
+            m = re.fullmatch(r"stem_block_(\d+)", name)
+            if m:
+                repeat = int(local[1].split("_")[1])
+                inner = _block_key(local[2:], leaf)
+                return inner and f"backbone.init_block{int(m.group(1)) + 1}.{repeat}.{inner}"
+            m = re.fullmatch(r"block_(\d+)", name)
+            if m:
+                repeat = int(local[1].split("_")[1])
+                inner = _block_key(local[2:], leaf)
+                return inner and f"backbone.scale_permuted_blocks.{m.group(1)}.{repeat}.{inner}"
+            m = re.fullmatch(r"merge_(\d+)_resample_(\d+)", name)
+            if m:
+                return (
+                    f"backbone.merge_ops.{m.group(1)}.resample_ops.{m.group(2)}."
+                    f"{local[1]}_conv.{_CONV_BN[local[2]]}.{leaf}"
+                )
+            m = re.fullmatch(r"endpoint_(\d+)", name)
+            if m:
+                return f"backbone.endpoint_convs.{m.group(1)}.{_CONV_BN[local[1]]}.{leaf}"
+            return None
+        if part == "head":
+            name = local[0]
+            if name == "class_predict":
+                return f"bbox_head.retina_cls.{leaf}"
+            if name == "box_predict":
+                return f"bbox_head.retina_reg.{leaf}"
+            m = re.fullmatch(r"(class|box)_conv_(\d+)", name)
+            if m:  # shared across levels: level 0's copy is used, the others are checked equal
+                return f"bbox_head.{_tower(m.group(1))}.0.{m.group(2)}.conv.{leaf}"
+            m = re.fullmatch(r"(class|box)_bn_(\d+)_(\d+)", name)
+            if m:
+                level, k = int(m.group(2)), int(m.group(3))
+                return f"bbox_head.{_tower(m.group(1))}.{level - min_level}.{k}.bn.{leaf}"
+        return None
+
+    return source
+
+
+def _tower(kind: str) -> str:
+    return "cls_convs" if kind == "class" else "reg_convs"
+
+
+def spinenet_ignored(key: str) -> str | None:
+    if key.endswith(BN_IGNORED_SUFFIX):
+        return "batch-norm step counter"
+    return None
+
+
+def head_duplicates(key: str) -> str | None:
+    """``bbox_head.{cls,reg}_convs.{level}.{k}.<conv>`` for level > 0 is a copy of level 0's (conv, or
+    the separable head's depthwise and pointwise conv; the BN is per level)."""
+    m = re.fullmatch(r"(bbox_head\.(?:cls|reg)_convs\.)(\d+)(\.\d+\.(?:conv|depthwise|pointwise\.conv)\..+)", key)
+    if m and m.group(2) != "0":
+        return f"{m.group(1)}0{m.group(3)}"
+    return None
+
+
+MMDET_ANCHOR_RATIOS = (0.5, 1.0, 2.0)  # h / w, both repositories' configs
+
+
+def anchor_permutation(
+    num_scales: int, aspect_ratios: Sequence[float], source_ratios: Sequence[float] = MMDET_ANCHOR_RATIOS
+) -> np.ndarray:
+    """perm[a] = mmdetection's index of our anchor ``a`` at one location.
+
+    Ours: a = scale * R + r with aspect w/h = aspect_ratios[r]. mmdetection: ratio-major
+    a' = r' * S + scale with h/w = source_ratios[r'].
+    """
+    perm = []
+    for scale in range(num_scales):
+        for ratio in aspect_ratios:
+            inverse = [i for i, q in enumerate(source_ratios) if abs(q * ratio - 1.0) < 1e-6]
+            if not inverse or len(aspect_ratios) != len(source_ratios):
+                raise UserError(
+                    f"the config's anchor aspect ratios {list(aspect_ratios)} (w/h) are not mmdetection's "
+                    f"{list(source_ratios)} (h/w); set model.anchor.aspect_ratios to match the checkpoint"
+                )
+            perm.append(inverse[0] * num_scales + scale)
+    return np.asarray(perm)
+
+
+_BOX_FROM_MMDET = np.asarray([1, 0, 3, 2])  # ours (dy, dx, dh, dw) <- mmdet (dx, dy, dw, dh)
+
+
+def predictor_transform(config) -> Any:
+    """Permutes the predictors' output channels (last axis in Flax layout) into our anchor order."""
+    a = config.model.anchor
+    perm = anchor_permutation(a.num_scales, a.aspect_ratios)
+
+    def transform(path: Path, array: np.ndarray) -> np.ndarray:
+        if path[0] != "params" or path[1] != "head" or path[2] not in ("class_predict", "box_predict"):
+            return array
+        if "depthwise" in path:  # a separable predictor's depthwise channels are its inputs
+            return array
+        per_anchor = array.shape[-1] // len(perm)
+        grouped = array.reshape(array.shape[:-1] + (len(perm), per_anchor))[..., perm, :]
+        if path[2] == "box_predict":
+            grouped = grouped[..., _BOX_FROM_MMDET]
+        return grouped.reshape(array.shape)
+
+    return transform
+
+
+def retinanet_class_options(state: Mapping[str, Any], config) -> dict[str, Any]:
+    """Foreground classes from the class predictor's bias; COCO ids when there are 80."""
+    keys = [k for k in ("bbox_head.retina_cls.bias", "bbox_head.retina_cls.pointwise.conv.bias") if k in state]
+    if not keys:
+        raise UserError("no bbox_head.retina_cls bias in the checkpoint: not an mmdetection RetinaNet checkpoint")
+    key = keys[0]
+    a = config.model.anchor
+    anchors = a.num_scales * len(a.aspect_ratios)
+    outputs = int(np.shape(state[key])[0])
+    if outputs % anchors:
+        raise UserError(f"{key} has {outputs} outputs, not a multiple of the config's {anchors} anchors per location")
+    classes = outputs // anchors
+    return {"num_classes": classes, "category_ids": COCO_80_CATEGORY_IDS if classes == 80 else ()}
+
+
+# ---------------------------------------------------------------------------------------------
+# EfficientDet (lucifer443 EfficientDet-Pytorch)
+# ---------------------------------------------------------------------------------------------
+
+EFFICIENTDET_OPTIONS = {"pool_padding": "symmetric", "background_slot": False}
+
+_LUKEMELAS_NAMES = {
+    "expand_conv": "_expand_conv",
+    "expand_bn": "_bn0",
+    "depthwise_conv": "_depthwise_conv",
+    "depthwise_bn": "_bn1",
+    "se_reduce": "_se_reduce",
+    "se_expand": "_se_expand",
+    "project_conv": "_project_conv",
+    "project_bn": "_bn2",
+}
+
+
+def bifpn_input_order(min_level: int, max_level: int) -> list[list[int]]:
+    """For each of our BiFPN nodes, mmdetection's position of each of our inputs.
+
+    Top-down nodes list (higher node, lateral) where automl lists (lateral, higher); bottom-up nodes
+    with three inputs (top-down node, lateral, lower output) for automl's (lateral, top-down, lower);
+    the top level's bottom-up node (lateral, lower output) is the same in both.
+    """
+    from scaledet_jax.necks.bifpn import bifpn_nodes
+
+    nodes = bifpn_nodes(min_level, max_level)
+    top_down = max_level - min_level
+    return [[1, 0] if n < top_down else ([1, 0, 2] if len(ins) == 3 else [0, 1]) for n, (_, ins) in enumerate(nodes)]
+
+
+def efficientdet_source(state_keys, target_shapes: Mapping[str, Any]):
+    """``source_key`` for our EfficientDet from the mmdetection port's keys."""
+    from scaledet_jax.necks.bifpn import bifpn_nodes
+
+    head_bns = [re.fullmatch(r"class_bn_(\d+)_0", name) for name in target_shapes["batch_stats"]["head"]]
+    levels = sorted(int(m.group(1)) for m in head_bns if m)
+    min_level, max_level = levels[0], levels[-1]
+
+    nodes = bifpn_nodes(min_level, max_level)
+    order = bifpn_input_order(min_level, max_level)
+    top_down = max_level - min_level
+
+    def merge(cell: int, node: int) -> str:
+        kind, n = ("top_down_merge", node) if node < top_down else ("bottom_up_merge", node - top_down)
+        return f"neck.stack_bifpns.{cell}.{kind}.{n}"
+
+    def source(path: Path) -> str | None:
+        part, local, leaf = path[1], path[2:], leaf_name(path)
+        if part == "backbone":
+            if local[0] == "stem_conv":
+                return f"backbone._conv_stem.{leaf}"
+            if local[0] == "stem_bn":
+                return f"backbone._bn0.{leaf}"
+            m = re.fullmatch(r"blocks_(\d+)", local[0])
+            module = m and _LUKEMELAS_NAMES.get(local[1])
+            return module and f"backbone._blocks.{m.group(1)}.{module}.{leaf}"
+        if part == "decoder":
+            if local[0] == "resample_p6":
+                return f"neck.extra_ops.0.conv.{_CONV_BN[local[1]]}.{leaf}"
+            m, n = re.fullmatch(r"cell_(\d+)", local[0]), re.fullmatch(r"node_(\d+)", local[1])
+            if not (m and n):
+                return None
+            cell, node = int(m.group(1)), int(n.group(1))
+            stem = merge(cell, node)
+            if local[2] == "weights":
+                return f"{stem}.weight"
+            if local[2].startswith("resample_"):  # ours: resample_{input node id}
+                position = nodes[node][1].index(int(local[2].split("_")[1]))
+                return f"{stem}.resample_ops.{order[node][position]}.conv.{_CONV_BN[local[3]]}.{leaf}"
+            if local[2] == "op_after_combine":
+                return f"{stem}.conv.{'depthwise' if local[3] == 'depthwise' else 'pointwise.conv'}.{leaf}"
+            if local[2] == "bn":
+                return f"{stem}.conv.pointwise.bn.{leaf}"
+            return None
+        if part == "head":
+            name = local[0]
+            sub = {"depthwise": "depthwise", "pointwise": "pointwise.conv"}.get(local[1]) if len(local) > 2 else None
+            if name in ("class_predict", "box_predict"):
+                return sub and f"bbox_head.retina_{'cls' if name == 'class_predict' else 'reg'}.{sub}.{leaf}"
+            m = re.fullmatch(r"(class|box)_conv_(\d+)", name)
+            if m:  # shared across levels: level 0's copy is used, the others are checked equal
+                return sub and f"bbox_head.{_tower(m.group(1))}.0.{m.group(2)}.{sub}.{leaf}"
+            m = re.fullmatch(r"(class|box)_bn_(\d+)_(\d+)", name)
+            if m:
+                level, k = int(m.group(2)), int(m.group(3))
+                return f"bbox_head.{_tower(m.group(1))}.{level - min_level}.{k}.pointwise.bn.{leaf}"
+        return None
+
+    return source
+
+
+def efficientdet_transform(config) -> Any:
+    """Predictor channels as for SpineNet, and each BiFPN node's fusion weights into our input order."""
+    predictors = predictor_transform(config)
+    order = bifpn_input_order(config.model.min_level, config.model.max_level)
+
+    def transform(path: Path, array: np.ndarray) -> np.ndarray:
+        if path[0] == "params" and path[1] == "decoder" and path[-1] == "weights":
+            node = int(path[-2].split("_")[1])
+            return array[np.asarray(order[node])]
+        return predictors(path, array)
+
+    return transform
