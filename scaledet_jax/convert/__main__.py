@@ -57,6 +57,9 @@ def main(argv: list[str]) -> None:
     checkpoint.check_output(FLAGS.output, FLAGS.overwrite)  # fail before the work, not after
 
     start = time.perf_counter()
+    if os.path.isfile(FLAGS.input):
+        size_mb = os.path.getsize(FLAGS.input) / 2**20
+        print(f"reading {FLAGS.input} ({size_mb:.1f} MiB) ...", file=sys.stderr, flush=True)
     state, ignored_entries = checkpoint.load_state_dict(FLAGS.input)
     print(f"read {len(state)} tensors from {FLAGS.input} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
     model_options = layout.options(state, config)
