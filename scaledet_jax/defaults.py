@@ -29,6 +29,11 @@ def get_config() -> ml_collections.ConfigDict:
     model.max_level = 7
     model.activation = "swish"
     model.dtype = "float32"  # compute dtype; 'bfloat16' keeps float32 parameters
+    # Input normalisation the weights were trained with: (pixel - mean) / std on 0-255 pixels, in
+    # 'rgb' or 'bgr' channel order (mean/std in that order). ImageNet RGB for every source so far.
+    model.input = ml_collections.ConfigDict(
+        dict(mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375), channels="rgb")
+    )
     model.conv_padding = "same"  # TF 'SAME'; 'symmetric' for PyTorch-trained weights
     model.pool_padding = "same"
     model.norm = ml_collections.ConfigDict(dict(momentum=0.99, epsilon=1e-3))
@@ -144,9 +149,12 @@ def efficientdet_config(variant: str) -> ml_collections.ConfigDict:
     m.background_slot = False
     m.image_size = size
     m.min_level, m.max_level = 3, max_level
-    m.backbone = ml_collections.ConfigDict(dict(name="efficientnet", model_id=backbone, drop_connect_rate=0.2))
+    m.backbone = ml_collections.ConfigDict(
+        # bn_epsilon None = model.norm.epsilon; effdet's PyTorch-trained backbones use 1e-5
+        dict(name="efficientnet", model_id=backbone, drop_connect_rate=0.2, bn_epsilon=None)
+    )
     m.decoder = ml_collections.ConfigDict(
-        dict(name="bifpn", num_filters=width, num_repeats=repeats, weight_method=fusion)
+        dict(name="bifpn", num_filters=width, num_repeats=repeats, weight_method=fusion, conv_bias=True)
     )
     m.head = ml_collections.ConfigDict(dict(num_convs=head_repeats, num_filters=width, conv_bias=True))
     m.anchor = ml_collections.ConfigDict(dict(num_scales=3, aspect_ratios=[1.0, 2.0, 0.5], anchor_size=anchor_scale))

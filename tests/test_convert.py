@@ -80,6 +80,34 @@ def test_effdet_converts_with_parity_and_report(small_effdet, tmp_path):
     print(f"\nconvert effdet (3 classes, levels 3-5) @128: max abs diff {diffs}")
 
 
+def test_effdet_pytorch_trained_family_converts_with_parity(tmp_path):
+    """effdet's ``efficientdet_*`` (trained in PyTorch: symmetric padding, backbone BN eps 1e-5, no
+    redundant biases) is recognised from its checkpoint and converted with those options."""
+    cfg = effdet.get_efficientdet_config("efficientdet_d0")
+    cfg.image_size = (128, 128)
+    model = effdet.EfficientDet(cfg, pretrained_backbone=False)
+    randomize_(model, np.random.RandomState(0).normal(size=(8, 128, 128, 3)).astype(np.float32))
+    path = tmp_path / "efficientdet_d0.pth"
+    torch.save(model.state_dict(), path)
+    out = tmp_path / "converted"
+    result = _convert(
+        "--from=effdet",
+        "--config=configs/efficientdet_d0.py",
+        f"--input={path}",
+        f"--output={out}",
+        "--reference=efficientdet_d0",
+        "--image_size=128",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.load(open(out / "conversion.json"))
+    options = info["model_options"]
+    assert options["conv_padding"] == "symmetric" and options["backbone.bn_epsilon"] == 1e-5
+    assert options["decoder.conv_bias"] is False and options["head.conv_bias"] is False
+    diffs = info["parity"]["max_abs_diff"]
+    assert max(diffs.values()) <= TOLERANCE, diffs
+    print(f"\nconvert effdet efficientdet_d0 (PyTorch-trained family) @128: max abs diff {diffs}")
+
+
 def test_converted_checkpoint_evaluates_and_finetunes_through_main(small_effdet, tmp_path):
     converted = tmp_path / "converted"
     assert (

@@ -184,3 +184,38 @@ def test_preprocessing_inside_tf_data_matches_eager():
         eager = fn(tf.constant(i, tf.int64), ex)
         np.testing.assert_allclose(graph[i]["image"], eager["image"].numpy(), atol=1e-5)
         np.testing.assert_allclose(graph[i]["boxes"], eager["boxes"].numpy(), atol=1e-5)
+
+
+def test_input_normalisation_option_rgb_and_bgr():
+    """model.input: (pixel - mean) / std in the weights' channel order, checked against NumPy."""
+    from scaledet_jax import defaults
+    from scaledet_jax.data import pipeline
+
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 100, 10
+    example = {
+        "image": tf.constant(rgb),
+        "image/id": tf.constant(1, tf.int64),
+        "objects": {
+            "bbox": tf.zeros([0, 4], tf.float32),
+            "label": tf.zeros([0], tf.int64),
+            "is_crowd": tf.zeros([0], tf.bool),
+        },
+    }
+    config = defaults.get_config()
+    imagenet = preprocess.preprocess(
+        example, training=False, output_size=8, max_instances=1, normalization=pipeline.normalization(config)
+    )["image"].numpy()
+    np.testing.assert_allclose(
+        imagenet[0, 0], (np.array([200, 100, 10]) - preprocess.MEAN_RGB) / preprocess.STDDEV_RGB, rtol=1e-6
+    )
+
+    config.model.input.update(dict(mean=(102.98, 115.95, 122.77), std=(1.0, 1.0, 1.0), channels="bgr"))
+    bgr = preprocess.preprocess(
+        example, training=False, output_size=8, max_instances=1, normalization=pipeline.normalization(config)
+    )["image"].numpy()
+    np.testing.assert_allclose(bgr[0, 0], np.array([10, 100, 200]) - np.array([102.98, 115.95, 122.77]), rtol=1e-6)
+
+    config.model.input.channels = "grb"
+    with pytest.raises(Exception, match="'rgb' or 'bgr'"):
+        pipeline.normalization(config)

@@ -110,6 +110,26 @@ def effdet_source(state_keys, target_shapes: Mapping[str, Any]):
     return source
 
 
+# effdet's PyTorch-trained ``efficientdet_*`` models (vs the TF ports ``tf_efficientdet_*``): timm's
+# PyTorch EfficientNet backbone (symmetric padding, BN eps 1e-5), symmetric BiFPN pools, and no
+# "redundant" bias in the convs that a BN follows.
+PYTORCH_NATIVE_OPTIONS = {
+    "conv_padding": "symmetric",
+    "pool_padding": "symmetric",
+    "backbone.bn_epsilon": 1e-5,
+    "decoder.conv_bias": False,
+    "head.conv_bias": False,
+}
+
+
+def effdet_options(state, config) -> dict[str, Any]:
+    """``tf_efficientdet_*`` keep automl's semantics; ``efficientdet_*`` (no redundant biases, which
+    is how their checkpoints differ) get PyTorch's."""
+    if "fpn.cell.0.fnode.0.after_combine.conv.conv_pw.bias" in state:
+        return {}
+    return dict(PYTORCH_NATIVE_OPTIONS)
+
+
 def effdet_ignored(key: str) -> str | None:
     if key.endswith(BN_IGNORED_SUFFIX):
         return "batch-norm step counter"

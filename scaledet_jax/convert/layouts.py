@@ -39,6 +39,15 @@ class Layout:
         return {**self.model_options, **self.options_from_state(state, config)}
 
 
+# The input normalisation all four sources trained with: ImageNet mean/std on RGB 0-255 pixels
+# (mmdetection's img_norm_cfg with to_rgb=True; timm/effdet IMAGENET_DEFAULT_MEAN/STD * 255).
+IMAGENET_RGB_INPUT = {
+    "input.mean": (123.675, 116.28, 103.53),
+    "input.std": (58.395, 57.12, 57.375),
+    "input.channels": "rgb",
+}
+
+
 def _effdet_reference(name: str, config, size: int):
     """effdet's ``name`` reshaped like our config (classes, levels, size), random init, no download."""
     import effdet
@@ -95,9 +104,11 @@ LAYOUTS = {
     for layout in (
         Layout(
             name="effdet",
-            description="rwightman effdet tf_efficientdet_* (TF 'SAME' padding, BN eps 1e-3)",
+            description="rwightman effdet tf_efficientdet_* (TF semantics) and efficientdet_* (PyTorch semantics)",
             source=effdet_layout.effdet_source,
             ignored=effdet_layout.effdet_ignored,
+            model_options=IMAGENET_RGB_INPUT,
+            options_from_state=effdet_layout.effdet_options,
             reference=_effdet_reference,
             compare=_compare_detector,
         ),
@@ -106,7 +117,7 @@ LAYOUTS = {
             description="mmdetection v1.1 SpineNet RetinaNet (yan-roo / lucifer443 SpineNet-Pytorch)",
             source=mmdet_layout.spinenet_source,
             ignored=mmdet_layout.spinenet_ignored,
-            model_options=mmdet_layout.SPINENET_OPTIONS,
+            model_options={**mmdet_layout.SPINENET_OPTIONS, **IMAGENET_RGB_INPUT},
             duplicates=mmdet_layout.head_duplicates,
             options_from_state=mmdet_layout.retinanet_class_options,
             transform=mmdet_layout.predictor_transform,
@@ -116,7 +127,7 @@ LAYOUTS = {
             description="mmdetection v1.1 EfficientDet D0-D5 (lucifer443 EfficientDet-Pytorch)",
             source=mmdet_layout.efficientdet_source,
             ignored=mmdet_layout.spinenet_ignored,
-            model_options=mmdet_layout.EFFICIENTDET_OPTIONS,
+            model_options={**mmdet_layout.EFFICIENTDET_OPTIONS, **IMAGENET_RGB_INPUT},
             duplicates=mmdet_layout.head_duplicates,
             options_from_state=mmdet_layout.retinanet_class_options,
             transform=mmdet_layout.efficientdet_transform,
@@ -127,6 +138,7 @@ LAYOUTS = {
             source=lambda keys, shapes: effdet_layout.timm_efficientnet_source(keys, shapes, scope=("backbone",)),
             ignored=effdet_layout.timm_efficientnet_ignored,
             scope=("backbone",),
+            model_options=IMAGENET_RGB_INPUT,
             reference=_timm_reference,
             compare=_compare_backbone,
         ),

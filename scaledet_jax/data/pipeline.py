@@ -64,6 +64,19 @@ def get_builder(data: ml_collections.ConfigDict, workdir: str):
     raise UserError(f"unknown data.source {data.source!r}; use 'tfds', 'coco_folder' or 'synthetic'")
 
 
+def normalization(config: ml_collections.ConfigDict) -> dict:
+    """The input normalisation the model's weights expect (``config.model.input``)."""
+    spec = config.model.get("input")
+    if spec is None:
+        return {}
+    if spec.channels not in ("rgb", "bgr") or len(spec.mean) != 3 or len(spec.std) != 3:
+        raise UserError(
+            f"model.input must have channels 'rgb' or 'bgr' and 3 mean/std values, got "
+            f"{spec.channels!r}, {tuple(spec.mean)}, {tuple(spec.std)}"
+        )
+    return {"mean": tuple(spec.mean), "std": tuple(spec.std), "bgr": spec.channels == "bgr"}
+
+
 def label_map(data: ml_collections.ConfigDict):
     return preprocess.COCO_80_TO_91 if data.source == "tfds" and data.tfds_name.startswith("coco") else None
 
@@ -97,6 +110,7 @@ def train_batches(
             scale_min=data.aug_scale_min,
             scale_max=data.aug_scale_max,
             label_map=label_map(data),
+            normalization=normalization(config),
         )
 
     ds = ds.enumerate().map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -123,6 +137,7 @@ def eval_batches(
             output_size=config.model.image_size,
             max_instances=data.max_instances,
             label_map=label_map(data),
+            normalization=normalization(config),
         ),
         num_parallel_calls=tf.data.AUTOTUNE,
     )

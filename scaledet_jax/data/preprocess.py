@@ -103,9 +103,15 @@ COCO_80_TO_91 = (
 )
 
 
-def normalize_image(image: tf.Tensor) -> tf.Tensor:
+def normalize_image(
+    image: tf.Tensor, mean: tuple[float, ...] = MEAN_RGB, std: tuple[float, ...] = STDDEV_RGB, bgr: bool = False
+) -> tf.Tensor:
+    """RGB uint8 pixels -> (pixel - mean) / std, channels reversed first for BGR-trained weights
+    (``mean`` / ``std`` are then in BGR order too)."""
     image = tf.cast(image, tf.float32)
-    return (image - tf.constant(MEAN_RGB)) / tf.constant(STDDEV_RGB)
+    if bgr:
+        image = image[..., ::-1]
+    return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
 def denormalized_boxes(boxes: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
@@ -131,8 +137,12 @@ def preprocess(
     scale_min: float = 1.0,
     scale_max: float = 1.0,
     label_map: tuple[int, ...] | None = None,
+    normalization: dict | None = None,
 ) -> dict[str, tf.Tensor]:
-    """One example -> fixed-shape model inputs. ``seed`` ([2] int) drives the augmentation."""
+    """One example -> fixed-shape model inputs. ``seed`` ([2] int) drives the augmentation.
+
+    ``normalization``: ``normalize_image`` keyword arguments (mean, std, bgr); ImageNet RGB by default.
+    """
     image = example["image"]
     if image.shape.rank == 3 and image.shape[-1] == 1:
         image = tf.image.grayscale_to_rgb(image)
@@ -167,7 +177,8 @@ def preprocess(
         offset = tf.floor(max_offset * tf.random.stateless_uniform([2], seeds[2]))
         begin = tf.cast(offset, tf.int32)
         image = image[begin[0] : begin[0] + output_size, begin[1] : begin[1] + output_size]
-    image = tf.image.pad_to_bounding_box(normalize_image(image), 0, 0, output_size, output_size)
+    image = normalize_image(image, **(normalization or {}))
+    image = tf.image.pad_to_bounding_box(image, 0, 0, output_size, output_size)
 
     boxes = boxes * scale - tf.concat([offset, offset], 0)
     limit = tf.minimum(scaled_size - offset, target)

@@ -119,7 +119,7 @@ def _build_efficientnet(model_config: ml_collections.ConfigDict) -> nn.Module:
         max_level=min(5, model_config.max_level),
         activation=model_config.activation,
         bn_momentum=model_config.norm.momentum,
-        bn_epsilon=model_config.norm.epsilon,
+        bn_epsilon=b.get("bn_epsilon") or model_config.norm.epsilon,
         padding=model_config.get("conv_padding", "same"),
         dtype=_dtype(model_config),
     )
@@ -140,6 +140,7 @@ def _build_bifpn(model_config: ml_collections.ConfigDict) -> nn.Module:
         bn_epsilon=model_config.norm.epsilon,
         conv_padding=model_config.get("conv_padding", "same"),
         pool_padding=model_config.get("pool_padding", "same"),
+        conv_bias=d.get("conv_bias", True),
         dtype=_dtype(model_config),
     )
 

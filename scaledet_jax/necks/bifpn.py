@@ -55,6 +55,7 @@ class Resample(nn.Module):
     bn_epsilon: float = 1e-3
     conv_padding: str = "same"
     pool_padding: str = "same"
+    conv_bias: bool = True  # automl's redundant bias before BN; effdet's PyTorch-trained models have none
     dtype: Any = None
 
     @nn.compact
@@ -64,7 +65,7 @@ class Resample(nn.Module):
             x = snn.conv(
                 self.num_filters,
                 1,
-                use_bias=True,
+                use_bias=self.conv_bias,
                 padding=self.conv_padding,
                 kernel_init=nn.initializers.glorot_uniform(),
                 dtype=self.dtype,
@@ -104,6 +105,7 @@ class BiFPN(nn.Module):
     bn_epsilon: float = 1e-3
     conv_padding: str = "same"
     pool_padding: str = "same"
+    conv_bias: bool = True  # automl's redundant bias before BN; effdet's PyTorch-trained models have none
     dtype: Any = None
 
     @nn.compact
@@ -116,6 +118,7 @@ class BiFPN(nn.Module):
             bn_epsilon=self.bn_epsilon,
             conv_padding=self.conv_padding,
             pool_padding=self.pool_padding,
+            conv_bias=self.conv_bias,
             dtype=self.dtype,
         )
 
@@ -141,6 +144,7 @@ class BiFPN(nn.Module):
             bn_epsilon=self.bn_epsilon,
             conv_padding=self.conv_padding,
             pool_padding=self.pool_padding,
+            conv_bias=self.conv_bias,
             dtype=self.dtype,
         )
         for r in range(self.num_repeats):
@@ -161,6 +165,7 @@ class BiFPNCell(nn.Module):
     bn_epsilon: float = 1e-3
     conv_padding: str = "same"
     pool_padding: str = "same"
+    conv_bias: bool = True  # automl's redundant bias before BN; effdet's PyTorch-trained models have none
     dtype: Any = None
 
     @nn.compact
@@ -178,6 +183,7 @@ class BiFPNCell(nn.Module):
                     bn_epsilon=self.bn_epsilon,
                     conv_padding=self.conv_padding,
                     pool_padding=self.pool_padding,
+                    conv_bias=self.conv_bias,
                     dtype=self.dtype,
                     name=f"node_{j}",
                 )(nodes, train)
@@ -197,6 +203,7 @@ class FusionNode(nn.Module):
     bn_epsilon: float = 1e-3
     conv_padding: str = "same"
     pool_padding: str = "same"
+    conv_bias: bool = True  # automl's redundant bias before BN; effdet's PyTorch-trained models have none
     dtype: Any = None
 
     @nn.compact
@@ -209,6 +216,7 @@ class FusionNode(nn.Module):
                 bn_epsilon=self.bn_epsilon,
                 conv_padding=self.conv_padding,
                 pool_padding=self.pool_padding,
+                conv_bias=self.conv_bias,
                 dtype=self.dtype,
                 name=f"resample_{k}",
             )(nodes[k], train)
@@ -228,7 +236,12 @@ class FusionNode(nn.Module):
                 x = jnp.sum(stacked * jax.nn.softmax(weights), axis=-1)
         x = snn.get_activation(self.activation)(x)
         x = snn.SeparableConv(
-            self.num_filters, 3, use_bias=True, padding=self.conv_padding, dtype=self.dtype, name="op_after_combine"
+            self.num_filters,
+            3,
+            use_bias=self.conv_bias,
+            padding=self.conv_padding,
+            dtype=self.dtype,
+            name="op_after_combine",
         )(x)
         return snn.batch_norm(self.bn_momentum, self.bn_epsilon, dtype=self.dtype, name="bn")(
             x, use_running_average=not train
