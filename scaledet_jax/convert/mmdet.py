@@ -109,18 +109,7 @@ def spinenet_source(state_keys, target_shapes: Mapping[str, Any], min_level: int
                 return f"backbone.endpoint_convs.{m.group(1)}.{_CONV_BN[local[1]]}.{leaf}"
             return None
         if part == "head":
-            name = local[0]
-            if name == "class_predict":
-                return f"bbox_head.retina_cls.{leaf}"
-            if name == "box_predict":
-                return f"bbox_head.retina_reg.{leaf}"
-            m = re.fullmatch(r"(class|box)_conv_(\d+)", name)
-            if m:  # shared across levels: level 0's copy is used, the others are checked equal
-                return f"bbox_head.{_tower(m.group(1))}.0.{m.group(2)}.conv.{leaf}"
-            m = re.fullmatch(r"(class|box)_bn_(\d+)_(\d+)", name)
-            if m:
-                level, k = int(m.group(2)), int(m.group(3))
-                return f"bbox_head.{_tower(m.group(1))}.{level - min_level}.{k}.bn.{leaf}"
+            return _head_key(local, leaf, min_level, separable=False)
         return None
 
     return source
@@ -128,6 +117,30 @@ def spinenet_source(state_keys, target_shapes: Mapping[str, Any], min_level: int
 
 def _tower(kind: str) -> str:
     return "cls_convs" if kind == "class" else "reg_convs"
+
+
+def _head_key(local: Path, leaf: str, min_level: int, separable: bool) -> str | None:
+    """Our head variable (below ``head``) -> the RetinaSepBNHead / separable head key. Tower convs
+    are shared across levels: level 0's copy is used, the others are checked equal (``head_duplicates``)."""
+    name = local[0]
+    if separable:  # {depthwise, pointwise} submodules; the BN sits in the pointwise ConvModule
+        conv = {"depthwise": "depthwise", "pointwise": "pointwise.conv"}.get(local[1]) if len(local) > 2 else None
+        bn = "pointwise.bn"
+    else:
+        conv, bn = "conv", "bn"
+    if name in ("class_predict", "box_predict"):
+        predictor = f"bbox_head.retina_{'cls' if name == 'class_predict' else 'reg'}"
+        if not separable:
+            return f"{predictor}.{leaf}"
+        return conv and f"{predictor}.{conv}.{leaf}"
+    m = re.fullmatch(r"(class|box)_conv_(\d+)", name)
+    if m:
+        return conv and f"bbox_head.{_tower(m.group(1))}.0.{m.group(2)}.{conv}.{leaf}"
+    m = re.fullmatch(r"(class|box)_bn_(\d+)_(\d+)", name)
+    if m:
+        level, k = int(m.group(2)), int(m.group(3))
+        return f"bbox_head.{_tower(m.group(1))}.{level - min_level}.{k}.{bn}.{leaf}"
+    return None
 
 
 def spinenet_ignored(key: str) -> str | None:
@@ -283,17 +296,7 @@ def efficientdet_source(state_keys, target_shapes: Mapping[str, Any]):
                 return f"{stem}.conv.pointwise.bn.{leaf}"
             return None
         if part == "head":
-            name = local[0]
-            sub = {"depthwise": "depthwise", "pointwise": "pointwise.conv"}.get(local[1]) if len(local) > 2 else None
-            if name in ("class_predict", "box_predict"):
-                return sub and f"bbox_head.retina_{'cls' if name == 'class_predict' else 'reg'}.{sub}.{leaf}"
-            m = re.fullmatch(r"(class|box)_conv_(\d+)", name)
-            if m:  # shared across levels: level 0's copy is used, the others are checked equal
-                return sub and f"bbox_head.{_tower(m.group(1))}.0.{m.group(2)}.{sub}.{leaf}"
-            m = re.fullmatch(r"(class|box)_bn_(\d+)_(\d+)", name)
-            if m:
-                level, k = int(m.group(2)), int(m.group(3))
-                return f"bbox_head.{_tower(m.group(1))}.{level - min_level}.{k}.pointwise.bn.{leaf}"
+            return _head_key(local, leaf, min_level, separable=True)
         return None
 
     return source
