@@ -138,7 +138,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     define_config_flag()
-    flags.DEFINE_string("from", None, "Source layout: mmdet-spinenet, effdet, timm-efficientnet.")
+    flags.DEFINE_string("from", None, "Source layout: mmdet-spinenet, mmdet-efficientdet, effdet, timm-efficientnet.")
     flags.DEFINE_string(
         "input", None, "PyTorch checkpoint (.pth/.pt via torch.load(weights_only=True), or .safetensors)."
     )
