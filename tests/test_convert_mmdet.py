@@ -188,26 +188,15 @@ def test_mmdet_spinenet_refuses_unequal_shared_head_convs(tmp_path):
 def test_mmdet_every_variant_maps_strictly(layout, variant, config_name):
     """The remaining variants (parity above covers SpineNet-49S/49 and D0): every tensor of the
     PyTorch model is placed, every variable of ours filled, and the parameter counts are equal."""
-    from scaledet_jax.convert import torch_layout
     from scaledet_jax.convert.layouts import LAYOUTS
 
     reference = (
         build_mmdet_spinenet_retinanet(variant) if layout == "mmdet-spinenet" else build_mmdet_efficientdet(variant)
     )
     state = {k: t.numpy() for k, t in reference.state_dict().items()}
-    spec, config = LAYOUTS[layout], load_config(config_name)
-    checkpoint.set_model_options(config, spec.options(state, config))
-    shapes = profile.abstract_variables(build_model(config.model), SIZE if layout == "mmdet-spinenet" else 256)
-    target = {c: shapes[c] for c in shapes}
-    variables, report = torch_layout.convert(
-        state,
-        target,
-        spec.source(state.keys(), target),
-        spec.ignored,
-        spec.duplicates,
-        transform=spec.transform(config),
-    )
-    assert len(report.mapped) == len(jax.tree_util.tree_leaves(target))
+    size = SIZE if layout == "mmdet-spinenet" else 256
+    _, shapes, variables, report, _ = LAYOUTS[layout].convert(state, load_config(config_name), size)
+    assert len(report.mapped) == len(jax.tree_util.tree_leaves(shapes))
     ours = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(variables["params"]))
     assert ours == torch_parameter_count(reference)
 

@@ -42,8 +42,6 @@ def main(argv: list[str]) -> None:
 
     from scaledet_jax.convert import checkpoint, torch_layout
     from scaledet_jax.convert.layouts import LAYOUTS
-    from scaledet_jax.models import build_model
-    from scaledet_jax.tools import profile
 
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}")
@@ -62,24 +60,9 @@ def main(argv: list[str]) -> None:
         print(f"reading {FLAGS.input} ({size_mb:.1f} MiB) ...", file=sys.stderr, flush=True)
     state, ignored_entries = checkpoint.load_state_dict(FLAGS.input)
     print(f"read {len(state)} tensors from {FLAGS.input} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
-    model_options = layout.options(state, config)
-    checkpoint.set_model_options(config, model_options)
-    model = build_model(config.model)
     size = FLAGS.image_size or config.model.image_size
-    shapes = profile.abstract_variables(model, size)
-    target = {collection: shapes[collection] for collection in shapes}
-    for part in layout.scope:
-        target = {c: {part: t[part]} for c, t in target.items() if part in t}
     try:
-        variables, report = torch_layout.convert(
-            state,
-            target,
-            layout.source(state.keys(), target),
-            layout.ignored,
-            layout.duplicates,
-            progress=_progress,
-            transform=layout.transform(config) if layout.transform else None,
-        )
+        model, shapes, variables, report, model_options = layout.convert(state, config, size, progress=_progress)
     except torch_layout.ConversionError as e:
         raise UserError(
             f"{FLAGS.input} does not fit {FLAGS['config'].config_filename} as --from={layout.name}: {e}"

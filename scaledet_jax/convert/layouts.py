@@ -38,6 +38,35 @@ class Layout:
         """Every model option the converted weights need: the layout's and the checkpoint's."""
         return {**self.model_options, **self.options_from_state(state, config)}
 
+    def convert(self, state, config, image_size: int, progress=None):
+        """Sets this layout's model options on ``config`` and maps ``state`` onto the model it then
+        describes (strictly: ``torch_layout.ConversionError`` on any mismatch).
+
+        Returns (model, abstract variables of the whole model, converted variables of ``scope``,
+        report, the model options set).
+        """
+        from scaledet_jax.convert import checkpoint, torch_layout
+        from scaledet_jax.models import build_model
+        from scaledet_jax.tools import profile
+
+        options = self.options(state, config)
+        checkpoint.set_model_options(config, options)
+        model = build_model(config.model)
+        shapes = profile.abstract_variables(model, image_size)
+        target = {collection: shapes[collection] for collection in shapes}
+        for part in self.scope:
+            target = {c: {part: t[part]} for c, t in target.items() if part in t}
+        variables, report = torch_layout.convert(
+            state,
+            target,
+            self.source(state.keys(), target),
+            self.ignored,
+            self.duplicates,
+            progress=progress,
+            transform=self.transform(config) if self.transform else None,
+        )
+        return model, shapes, variables, report, options
+
 
 # The input normalisation all four sources trained with: ImageNet mean/std on RGB 0-255 pixels
 # (mmdetection's img_norm_cfg with to_rgb=True; timm/effdet IMAGENET_DEFAULT_MEAN/STD * 255).
