@@ -21,12 +21,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from scaledet_jax import train  # noqa: E402
-from scaledet_jax.models import build_model  # noqa: E402
+from scaledet_jax.tasks import build_task  # noqa: E402
 
 flags.DEFINE_integer("steps", 10, "Timed train steps per model after the compile.")
 flags.DEFINE_list(
@@ -52,14 +51,11 @@ def random_batch(batch_size: int, size: int, max_instances: int, rng: np.random.
 
 def bench_train_step(config) -> tuple[float, float]:
     """(compile seconds, images per second)."""
-    model = build_model(config.model)
+    task = build_task(config)
     schedule = train.learning_rate_schedule(config, 100, 1000)
     tx = train.make_optimizer(config, schedule)
-    anchors = jnp.asarray(train.model_anchors(config))
-    state = jax.jit(lambda r: train.init_state(config, model, tx, r))(jax.random.key(0))
-    step = jax.jit(
-        functools.partial(train.train_step, config, model, tx, schedule, anchors, jax.random.key(1)), donate_argnums=0
-    )
+    state = jax.jit(lambda r: train.init_state(config, task, tx, r))(jax.random.key(0))
+    step = jax.jit(functools.partial(train.train_step, config, task, tx, schedule, jax.random.key(1)), donate_argnums=0)
     batch = random_batch(
         config.data.train_batch_size, config.model.image_size, config.data.max_instances, np.random.RandomState(0)
     )

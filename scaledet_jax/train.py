@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -26,9 +27,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from scaledet_jax.cli import UserError
-from scaledet_jax.models import build_model
-from scaledet_jax.ops import anchors as anchor_ops
-from scaledet_jax.ops import detection, losses, matching
+from scaledet_jax.tasks import Task, build_task
+from scaledet_jax.tasks.retinanet import category_index_table, model_anchors  # noqa: F401 - public names kept here
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -48,19 +48,6 @@ class TrainState(flax.struct.PyTreeNode):
 def make_mesh() -> jax.sharding.Mesh:
     """All devices on one 'data' axis (Auto axis type: sharded BN steps need it in this JAX)."""
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def model_anchors(config: ml_collections.ConfigDict) -> np.ndarray:
-    m = config.model
-    per_level = anchor_ops.multilevel_anchors(
-        m.min_level,
-        m.max_level,
-        m.anchor.num_scales,
-        list(m.anchor.aspect_ratios),
-        m.anchor.anchor_size,
-        (m.image_size, m.image_size),
-    )
-    return anchor_ops.flatten_levels(per_level)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
@@ -93,18 +80,41 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) 
     if o.gradient_clip_norm:
         parts.append(optax.clip_by_global_norm(o.gradient_clip_norm))
     parts.append(optimizers[o.optimizer]())
-    return optax.chain(*parts)
+    tx = optax.chain(*parts)
+    frozen = tuple(o.get("frozen", ()))
+    if frozen:  # frozen parameters get no update (and no optimizer state)
+        tx = optax.multi_transform(
+            {"train": tx, "frozen": optax.set_to_zero()},
+            lambda params: jax.tree_util.tree_map_with_path(
+                lambda path, _: "frozen" if is_frozen(path, frozen) else "train", params
+            ),
+        )
+    return tx
 
 
-def l2_penalty(params: Any, weight_decay: float) -> jax.Array:
-    """TF's kernel regularizer: l2(wd / 2) on every conv kernel (not on BN or biases)."""
+def param_path(path) -> str:
+    """'backbone/stem_conv/kernel' for a pytree key path."""
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def is_frozen(path, patterns) -> bool:
+    """Whether a parameter matches one of ``optim.frozen``'s regular expressions (searched in its path)."""
+    name = param_path(path)
+    return any(re.search(p, name) for p in patterns)
+
+
+def l2_penalty(params: Any, weight_decay: float, frozen: tuple[str, ...] = ()) -> jax.Array:
+    """TF's kernel regularizer: l2(wd / 2) on every conv/dense kernel (not on BN, biases or frozen weights)."""
     flat = flax.traverse_util.flatten_dict(params)
-    return 0.5 * weight_decay * sum(jnp.sum(jnp.square(v)) for k, v in flat.items() if k[-1] == "kernel")
+    return (
+        0.5
+        * weight_decay
+        * sum(jnp.sum(jnp.square(v)) for k, v in flat.items() if k[-1] == "kernel" and not is_frozen(k, frozen))
+    )
 
 
-def init_state(config, model, tx, rng) -> TrainState:
-    size = config.model.image_size
-    variables = model.init({"params": rng, "dropout": rng}, jnp.zeros((1, size, size, 3), jnp.float32))
+def init_state(config, task: Task, tx, rng) -> TrainState:
+    variables = task.init({"params": rng, "dropout": rng}, config.model.image_size)
     params = variables["params"]
     return TrainState(
         step=jnp.array(0, jnp.int32),
@@ -121,67 +131,18 @@ def init_state(config, model, tx, rng) -> TrainState:
 # ---------------------------------------------------------------------------------------------
 
 
-def compute_losses(config, model, params, batch_stats, batch, anchors, rng, train: bool = True):
-    """Forward, anchor labeling and losses of a global batch; returns (total, (aux, new batch_stats))."""
-    variables = {"params": params, "batch_stats": batch_stats}
-    if train:
-        outputs, updates = model.apply(
-            variables, batch["image"], train=True, mutable=["batch_stats"], rngs={"dropout": rng}
-        )
-        new_stats = updates["batch_stats"]
-    else:
-        outputs, new_stats = model.apply(variables, batch["image"], train=False), batch_stats
-    num_classes = config.model.num_classes
-    logits = detection.flatten_outputs(outputs["class_outputs"], num_classes)
-    boxes = detection.flatten_outputs(outputs["box_outputs"], 4)
-    label = functools.partial(
-        matching.label_anchors,
-        anchors,
-        match_threshold=config.loss.match_threshold,
-        unmatched_threshold=config.loss.unmatched_threshold,
-    )
-    targets = jax.vmap(label)(batch["boxes"], batch["classes"], batch["valid"], batch["crowd"])
-    cls_targets = targets["cls_targets"]
-    if not config.model.get("background_slot", True):
-        category_ids = config.model.get("category_ids", ())
-        if category_ids:  # mmdetection layout: output c is category_ids[c]; other ids train as background
-            table = category_index_table(category_ids)
-            known = (cls_targets > 0) & (cls_targets < table.shape[0])
-            cls_targets = jnp.where(known, table[jnp.clip(cls_targets, 0, table.shape[0] - 1)], -1)
-        else:  # automl layout: output c is category c + 1
-            cls_targets = jnp.where(cls_targets > 0, cls_targets - 1, -1)
-    c = config.loss
-    parts = losses.retinanet_loss(
-        logits,
-        boxes,
-        cls_targets,
-        targets["box_targets"],
-        targets["cls_weights"],
-        targets["box_weights"],
-        num_classes,
-        c.focal_alpha,
-        c.focal_gamma,
-        c.huber_delta,
-        c.box_loss_weight,
-    )
-    parts["l2_loss"] = l2_penalty(params, c.l2_weight_decay)
+def compute_losses(config, task: Task, params, batch_stats, batch, rng, train: bool = True):
+    """The task's losses of a global batch plus the L2 penalty; returns (total, (parts, new batch_stats))."""
+    parts, new_stats = task.losses({"params": params, "batch_stats": batch_stats}, batch, rng, train)
+    parts = dict(parts)
+    parts["l2_loss"] = l2_penalty(params, config.loss.l2_weight_decay, tuple(config.optim.get("frozen", ())))
     parts["total_loss"] = parts["model_loss"] + parts["l2_loss"]
     return parts["total_loss"], (parts, new_stats)
 
 
-def category_index_table(category_ids) -> jax.Array:
-    """table[id] = the output index of category ``id``; -1 for ids without an output."""
-    table = np.full(max(category_ids) + 1, -1, np.int32)
-    for index, category in enumerate(category_ids):
-        table[category] = index
-    return jnp.asarray(table)
-
-
-def train_step(config, model, tx, schedule, anchors, base_rng, state: TrainState, batch):
+def train_step(config, task: Task, tx, schedule, base_rng, state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step)
-    grad_fn = jax.value_and_grad(
-        lambda p: compute_losses(config, model, p, state.batch_stats, batch, anchors, rng), has_aux=True
-    )
+    grad_fn = jax.value_and_grad(lambda p: compute_losses(config, task, p, state.batch_stats, batch, rng), has_aux=True)
     (_, (parts, new_stats)), grads = grad_fn(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -203,23 +164,6 @@ def train_step(config, model, tx, schedule, anchors, base_rng, state: TrainState
     return new_state, metrics
 
 
-def predict_step(config, model, anchors, variables, images):
-    outputs = model.apply(variables, images, train=False)
-    d = config.model.detection
-    return detection.generate_detections(
-        detection.flatten_outputs(outputs["class_outputs"], config.model.num_classes),
-        detection.flatten_outputs(outputs["box_outputs"], 4),
-        anchors,
-        config.model.image_size,
-        d.pre_nms_top_k,
-        d.score_threshold,
-        d.nms_iou_threshold,
-        d.max_detections,
-        background_slot=config.model.get("background_slot", True),
-        category_ids=tuple(config.model.get("category_ids", ())),
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # Runs
 # ---------------------------------------------------------------------------------------------
@@ -239,8 +183,9 @@ class Run:
         for name, size in (("train", config.data.train_batch_size), ("eval", config.data.eval_batch_size)):
             if size % jax.device_count():
                 raise UserError(f"data.{name}_batch_size {size} must be a multiple of the {jax.device_count()} devices")
-        self.model = build_model(config.model)
-        self.anchors = jnp.asarray(model_anchors(config))
+        self.task = build_task(config)
+        self.model = self.task.model
+        self._predict = None  # the jitted predict function, compiled once per run
         self.builder = pipeline.get_builder(config.data, self.workdir)
         try:
             num_train = self.builder.info.splits[config.data.train_split].num_examples
@@ -255,7 +200,7 @@ class Run:
         self.checkpoints = _checkpoint_manager(os.path.join(self.workdir, "checkpoints"), config)
 
     def abstract_state(self) -> TrainState:
-        shapes = jax.eval_shape(lambda: init_state(self.config, self.model, self.tx, jax.random.key(0)))
+        shapes = jax.eval_shape(lambda: init_state(self.config, self.task, self.tx, jax.random.key(0)))
         return jax.tree_util.tree_map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated), shapes
         )
@@ -267,7 +212,7 @@ class Run:
 
             logging.info("Resuming from checkpoint at step %d in %s", latest, self.checkpoints.directory)
             return self.checkpoints.restore(latest, args=ocp.args.StandardRestore(self.abstract_state()))
-        init = jax.jit(lambda rng: init_state(self.config, self.model, self.tx, rng), out_shardings=self.replicated)
+        init = jax.jit(lambda rng: init_state(self.config, self.task, self.tx, rng), out_shardings=self.replicated)
         state = init(jax.random.key(self.config.seed))
         if self.config.init_from:
             state = self._load_converted(state)
@@ -302,7 +247,7 @@ class Run:
         return {
             k: jax.make_array_from_process_local_data(self.data_sharding, v)
             for k, v in local.items()
-            if k in ("image", "boxes", "classes", "valid", "crowd")
+            if k in self.task.batch_fields
         }
 
     def save(self, state: TrainState, force: bool = False) -> None:
@@ -318,11 +263,11 @@ class Run:
 
         params = state.ema_params if state.ema_params is not None else state.params
         variables = {"params": params, "batch_stats": state.batch_stats}
-        predict = jax.jit(
-            functools.partial(predict_step, self.config, self.model, self.anchors),
-            in_shardings=(self.replicated, self.data_sharding),
-            out_shardings=self.replicated,
-        )
+        if self._predict is None:
+            self._predict = jax.jit(
+                self.task.predict, in_shardings=(self.replicated, self.data_sharding), out_shardings=self.replicated
+            )
+        predict = self._predict
         evaluator = CocoEvaluator()
         start = time.perf_counter()
         for batch in pipeline.eval_batches(
@@ -421,9 +366,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluate
     )
 
     step_fn = jax.jit(
-        functools.partial(
-            train_step, config, run.model, run.tx, run.schedule, run.anchors, jax.random.key(config.seed + 1)
-        ),
+        functools.partial(train_step, config, run.task, run.tx, run.schedule, jax.random.key(config.seed + 1)),
         in_shardings=(run.replicated, run.data_sharding),
         out_shardings=(run.replicated, run.replicated),
         donate_argnums=0,
@@ -456,14 +399,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluate
                 writer.write_scalars(
                     step, {**summary, "steps_per_sec": steps_per_s, "images_per_sec": steps_per_s * images_per_step}
                 )
+                shown = (*run.task.log_losses, "l2_loss")
+                parts = " ".join(f"{k.removesuffix('_loss')} {summary[k]:.4g}" for k in shown)
                 logging.info(
-                    "step %d/%d  loss %.4f (cls %.4f box %.5f l2 %.4f)  lr %.5f  %.2f steps/s  %.1f img/s  ETA %s",
+                    "step %d/%d  loss %.4f (%s)  lr %.5f  %.2f steps/s  %.1f img/s  ETA %s",
                     step,
                     run.total_steps,
                     summary["total_loss"],
-                    summary["cls_loss"],
-                    summary["box_loss"],
-                    summary["l2_loss"],
+                    parts,
                     summary["learning_rate"],
                     steps_per_s,
                     steps_per_s * images_per_step,
