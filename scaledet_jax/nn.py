@@ -320,3 +320,31 @@ class SeparableConv(nn.Module):
 def keras_depthwise(initializer_factory: Callable = nn.initializers.variance_scaling, *args, **kwargs) -> Callable:
     """An initialiser for Flax depthwise kernels [k, k, 1, C] with Keras' fan semantics ([k, k, C, 1])."""
     return initializer_factory(*args, in_axis=-1, out_axis=-2, **kwargs)
+
+
+class FrozenBatchNorm(nn.Module):
+    """torchvision's ``FrozenBatchNorm2d``: ``y = (x - mean) / sqrt(var + eps) * scale + bias``.
+
+    All four arrays live in the 'batch_stats' collection (not 'params'): they are never trained and
+    never updated, so trainable-parameter counts match torchvision's. Leaf names equal
+    ``nn.BatchNorm``'s so converters map weight/bias/running_mean/running_var the same way. Called
+    like a batch norm, ``(x, use_running_average=...)``; the flag is ignored. Folded into one
+    multiply-add as torchvision does; statistics are float32, the result has ``dtype`` (or x's).
+    """
+
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
+        del use_running_average  # frozen: always the stored statistics
+        features = x.shape[-1]
+        stat = lambda name, fill: self.variable("batch_stats", name, jnp.full, (features,), fill, jnp.float32)  # noqa: E731
+        scale = stat("scale", 1.0).value
+        bias = stat("bias", 0.0).value
+        mean = stat("mean", 0.0).value
+        var = stat("var", 1.0).value
+        multiplier = scale * jax.lax.rsqrt(var + self.epsilon)
+        shift = bias - mean * multiplier
+        dtype = self.dtype or x.dtype
+        return x.astype(dtype) * multiplier.astype(dtype) + shift.astype(dtype)
