@@ -3,6 +3,14 @@
 Boxes are [ymin, xmin, ymax, xmax] in pixels. Per level the array is [H_l, W_l, A * 4] with the
 anchors of one location ordered scale-major, then aspect ratio; flattening gives the order that
 ``reshape(class_output, [B, -1, num_classes])`` gives the head outputs.
+
+Aspect ratios are width / height. torchvision's ``AnchorGenerator`` takes height / width, so its
+``(0.5, 1.0, 2.0)`` is our ``(2.0, 1.0, 0.5)`` in the same order; it also orders several sizes per
+level ratio-major (ours is scale-major), which only matters with more than one size per level.
+torchvision's layout is ``center_offset=0.0, round_base=True, integer_stride=True`` with
+``anchor_size = size / 2**level`` (sizes ((32,), (64,), ...) on P2.. give ``anchor_size=8``).
+torchvision's RetinaNet sizes are ``(x, int(x * 2**(1/3)), int(x * 2**(2/3)))`` for x = 32 .. 512:
+``anchor_size=4, num_scales=3, truncate_sizes=True``.
 """
 
 from __future__ import annotations
@@ -23,19 +31,39 @@ def level_anchors(
     aspect_ratios: Sequence[float],
     anchor_size: float,
     image_size: tuple[int, int],
+    *,
+    center_offset: float = 0.5,
+    round_base: bool = False,
+    integer_stride: bool = False,
+    truncate_sizes: bool = False,
 ) -> np.ndarray:
-    """Anchors of one level: float32 [H_l, W_l, A * 4]."""
+    """Anchors of one level: float32 [H_l, W_l, A * 4] on a ceil(size / 2**level) grid.
+
+    ``center_offset``: where centres sit, as a fraction of the stride (0.5 Model Garden, 0.0
+    torchvision). ``round_base``: round the zero-centred anchor [-w/2, -h/2, w/2, h/2] to integers
+    before shifting it (torchvision). ``integer_stride``: stride = image size // grid size
+    (torchvision) instead of image size / grid size (Model Garden); equal when the size divides.
+    ``truncate_sizes``: the anchor size ``anchor_size * 2**level * 2**(scale / num_scales)`` is
+    truncated to an integer before the aspect ratio applies (torchvision RetinaNet's ``int()``).
+    """
     height, width = image_size
     feat_h, feat_w = math.ceil(height / 2**level), math.ceil(width / 2**level)
-    stride_y, stride_x = np.float32(height / feat_h), np.float32(width / feat_w)
-    cy = (np.arange(feat_h, dtype=np.float32) * stride_y + stride_y / 2)[:, None]
-    cx = (np.arange(feat_w, dtype=np.float32) * stride_x + stride_x / 2)[None, :]
+    if integer_stride:
+        stride_y, stride_x = np.float32(height // feat_h), np.float32(width // feat_w)
+    else:
+        stride_y, stride_x = np.float32(height / feat_h), np.float32(width / feat_w)
+    cy = (np.arange(feat_h, dtype=np.float32) * stride_y + np.float32(center_offset) * stride_y)[:, None]
+    cx = (np.arange(feat_w, dtype=np.float32) * stride_x + np.float32(center_offset) * stride_x)[None, :]
     boxes = []
     for scale in range(num_scales):
         for ratio in aspect_ratios:
             base = anchor_size * 2**level * 2 ** (scale / num_scales)
+            if truncate_sizes:
+                base = float(math.floor(base))
             half_w = base * ratio**0.5 / 2.0
             half_h = base * ratio**-0.5 / 2.0
+            if round_base:  # torchvision rounds its float32 base anchor (half to even, as np.round)
+                half_w, half_h = float(np.round(np.float32(half_w))), float(np.round(np.float32(half_h)))
             boxes.append(np.stack(np.broadcast_arrays(cy - half_h, cx - half_w, cy + half_h, cx + half_w), -1))
     return np.concatenate(boxes, axis=-1).astype(np.float32)
 
@@ -47,10 +75,21 @@ def multilevel_anchors(
     aspect_ratios: Sequence[float],
     anchor_size: float,
     image_size: tuple[int, int],
+    *,
+    center_offset: float = 0.5,
+    round_base: bool = False,
+    integer_stride: bool = False,
+    truncate_sizes: bool = False,
 ) -> dict[int, np.ndarray]:
-    """{level: [H_l, W_l, A * 4]} for levels min..max."""
+    """{level: [H_l, W_l, A * 4]} for levels min..max (options as in :func:`level_anchors`)."""
+    options = {
+        "center_offset": center_offset,
+        "round_base": round_base,
+        "integer_stride": integer_stride,
+        "truncate_sizes": truncate_sizes,
+    }
     return {
-        level: level_anchors(level, num_scales, aspect_ratios, anchor_size, image_size)
+        level: level_anchors(level, num_scales, aspect_ratios, anchor_size, image_size, **options)
         for level in range(min_level, max_level + 1)
     }
 
