@@ -96,6 +96,9 @@ def get_config() -> ml_collections.ConfigDict:
     optim.warmup_learning_rate = 0.0067
     optim.gradient_clip_norm = 0.0  # 0 = off
     optim.ema_decay = 0.0  # 0 = off; e.g. 0.9998 for EfficientDet
+    # Regular expressions over parameter paths ('backbone/stem_conv/kernel'): matching parameters are
+    # not updated and not weight-decayed (e.g. torchvision's frozen stem + first stage).
+    optim.frozen = ()
 
     # ---- schedule of the run -----------------------------------------------------------------
     config.num_epochs = 500
@@ -170,4 +173,109 @@ def efficientdet_config(variant: str) -> ml_collections.ConfigDict:
     config.num_epochs = 300
     config.checkpoint_every_steps = COCO_TRAIN_EXAMPLES // 64
     config.eval_every_steps = COCO_TRAIN_EXAMPLES // 64 * 10
+    return config
+
+
+def fasterrcnn_config() -> ml_collections.ConfigDict:
+    """torchvision's ``fasterrcnn_resnet50_fpn`` and its COCO recipe, on our square-padded inputs.
+
+    Network: ResNet-50 (FrozenBN eps 1e-5, stem + first stage frozen, symmetric padding), FPN P2-P5 +
+    max-pooled P6, RPN (1 conv, 3 anchors per location of size 32 * 2**(level - 2), rounded and
+    centred at multiples of the stride), RoIAlign 7x7 (sampling 2, not aligned) on P2-P5, two
+    1024-d FC layers, 91 classes (COCO ids, 0 = background), box coding weights (10, 10, 5, 5).
+    Recipe (torchvision references/detection): SGD 0.9, lr 0.02 at batch 16 after a 1000-step
+    linear warmup from 0.001x, x0.1 at epochs 16 and 22 of 26, weight decay 1e-4, horizontal flips.
+    torchvision resizes the shorter side to 800 (longer <= 1333); here images are resized so the
+    longer side is 1024 and padded square, as Model Garden's Mask R-CNN recipe does.
+    """
+    config = get_config()
+    m = config.model
+    m.name = "faster_rcnn"
+    m.num_classes = 91
+    m.background_slot = True
+    m.image_size = 1024
+    m.min_level, m.max_level = 2, 6
+    m.activation = "relu"
+    m.conv_padding = m.pool_padding = "symmetric"
+    m.norm = ml_collections.ConfigDict(dict(momentum=0.9, epsilon=1e-5))
+    m.backbone = ml_collections.ConfigDict(
+        dict(name="resnet", depth=50, stride_in_1x1=False, norm="frozen", frozen_stages=2, bn_epsilon=1e-5)
+    )
+    m.decoder = ml_collections.ConfigDict(dict(name="fpn", num_filters=256, extra_levels="maxpool", norm=""))
+    m.anchor = ml_collections.ConfigDict(
+        dict(
+            num_scales=1,
+            aspect_ratios=[2.0, 1.0, 0.5],
+            anchor_size=8.0,
+            center_offset=0.0,
+            round_base=True,
+            integer_stride=True,
+        )
+    )
+    m.rpn = ml_collections.ConfigDict(
+        dict(
+            num_convs=1,
+            num_filters=256,
+            norm="",
+            pre_nms_top_k_train=2000,
+            post_nms_top_k_train=2000,
+            pre_nms_top_k=1000,
+            post_nms_top_k=1000,
+            nms_iou=0.7,
+            min_size=1e-3,
+            score_threshold=0.0,
+            positive_iou=0.7,
+            negative_iou=0.3,
+            batch_size_per_image=256,
+            positive_fraction=0.5,
+        )
+    )
+    m.roi = ml_collections.ConfigDict(
+        dict(
+            min_level=2,
+            max_level=5,
+            output_size=7,
+            sampling_ratio=2,
+            aligned=False,
+            canonical_size=224.0,
+            canonical_level=4,
+            num_samples=512,
+            foreground_fraction=0.25,
+            foreground_iou=0.5,
+            background_iou_high=0.5,
+            background_iou_low=0.0,
+        )
+    )
+    m.box_head = ml_collections.ConfigDict(
+        dict(num_convs=0, conv_filters=256, num_fcs=2, fc_dims=1024, norm="", class_agnostic_boxes=False)
+    )
+    m.box_coder_weights = (10.0, 10.0, 5.0, 5.0)
+    m.detection = ml_collections.ConfigDict(
+        dict(pre_nms_top_k=5000, score_threshold=0.05, nms_iou_threshold=0.5, max_detections=100, min_size=1e-2)
+    )
+    config.loss = ml_collections.ConfigDict(
+        dict(
+            rpn_smooth_l1_beta=1.0 / 9.0,
+            roi_smooth_l1_beta=1.0 / 9.0,
+            rpn_score_weight=1.0,
+            rpn_box_weight=1.0,
+            class_weight=1.0,
+            box_weight=1.0,
+            l2_weight_decay=1e-4,
+        )
+    )
+    d = config.data
+    d.train_batch_size = 16
+    d.aug_scale_min = d.aug_scale_max = 1.0
+    o = config.optim
+    o.optimizer = "sgd"
+    o.base_learning_rate = 0.02 * 256 / 16  # lr 0.02 at batch 16; scaled linearly with the batch
+    o.schedule = "stepwise"
+    o.decay_epochs = [16, 22]
+    o.warmup_steps = 1000
+    o.warmup_learning_rate = 0.02 * 0.001
+    o.frozen = ("^backbone/(stem_|stage2_)",)  # torchvision trains layers 2-4 only (trainable_backbone_layers=3)
+    config.num_epochs = 26
+    config.checkpoint_every_steps = COCO_TRAIN_EXAMPLES // 16
+    config.eval_every_steps = COCO_TRAIN_EXAMPLES // 16 * 2
     return config

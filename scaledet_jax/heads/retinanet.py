@@ -39,6 +39,7 @@ class RetinaNetHead(nn.Module):
     prior_prob: float = 0.01
     conv_bias: bool = True  # tower convs; the mmdetection SpineNet head has none (BN follows)
     separable: bool = False
+    norm: str | None = "batch"  # batch norm per level after each tower conv; None: torchvision's head (conv + relu)
     dtype: Any = None
 
     def _conv(self, features: int, name: str, kernel_init, bias_init=nn.initializers.zeros, use_bias: bool = True):
@@ -90,9 +91,10 @@ class RetinaNetHead(nn.Module):
         def apply_tower(x, convs, prefix, level):
             for i, conv in enumerate(convs):
                 x = conv(x)
-                x = snn.batch_norm(
-                    self.bn_momentum, self.bn_epsilon, dtype=self.dtype, name=f"{prefix}_bn_{level}_{i}"
-                )(x, use_running_average=not train)
+                if self.norm == "batch":
+                    x = snn.batch_norm(
+                        self.bn_momentum, self.bn_epsilon, dtype=self.dtype, name=f"{prefix}_bn_{level}_{i}"
+                    )(x, use_running_average=not train)
                 x = act(x)
             return x
 

@@ -97,6 +97,7 @@ def _retinanet_head(model_config: ml_collections.ConfigDict, separable: bool = F
         padding=model_config.get("conv_padding", "same"),
         conv_bias=h.get("conv_bias", True),
         separable=separable,
+        norm=h.get("norm", "batch") or None,
         dtype=_dtype(model_config),
     )
 
@@ -105,7 +106,9 @@ def _retinanet_head(model_config: ml_collections.ConfigDict, separable: bool = F
 def _build_retinanet(model_config: ml_collections.ConfigDict) -> nn.Module:
     from scaledet_jax.models.retinanet import RetinaNet
 
-    return RetinaNet(backbone=build_backbone(model_config), head=_retinanet_head(model_config))
+    return RetinaNet(
+        backbone=build_backbone(model_config), decoder=_build_decoder(model_config), head=_retinanet_head(model_config)
+    )
 
 
 @register_backbone("efficientnet")
@@ -154,4 +157,100 @@ def _build_efficientdet(model_config: ml_collections.ConfigDict) -> nn.Module:
         backbone=build_backbone(model_config),
         decoder=_build_bifpn(model_config),
         head=_retinanet_head(model_config, separable=True),
+    )
+
+
+@register_backbone("resnet")
+def _build_resnet(model_config: ml_collections.ConfigDict) -> nn.Module:
+    from scaledet_jax.backbones.resnet import build_resnet
+
+    return build_resnet(model_config)
+
+
+def _build_decoder(model_config: ml_collections.ConfigDict) -> nn.Module | None:
+    """The neck named by ``model.decoder.name``: 'fpn', or 'none' (backbone endpoints feed the heads)."""
+    decoder = model_config.get("decoder")
+    name = decoder.get("name", "none") if decoder is not None else "none"
+    if name == "none":
+        return None
+    if name == "fpn":
+        from scaledet_jax.necks.fpn import build_fpn
+
+        return build_fpn(model_config)
+    raise ValueError(f"unknown model.decoder.name {name!r}; use 'fpn' or 'none'")
+
+
+@register_model("faster_rcnn")
+def _build_faster_rcnn(model_config: ml_collections.ConfigDict) -> nn.Module:
+    """Backbone (+ FPN) + RPN + multilevel RoIAlign + box head (torchvision / Model Garden semantics as options)."""
+    from scaledet_jax.heads.roi_heads import BoxHead
+    from scaledet_jax.heads.rpn import RPNHead
+    from scaledet_jax.models import faster_rcnn as frcnn
+
+    m = model_config
+    a, rpn, roi, head = m.anchor, m.rpn, m.roi, m.box_head
+    anchor = frcnn.AnchorSettings(
+        num_scales=a.num_scales,
+        aspect_ratios=tuple(a.aspect_ratios),
+        anchor_size=a.anchor_size,
+        center_offset=a.get("center_offset", 0.5),
+        round_base=a.get("round_base", False),
+        integer_stride=a.get("integer_stride", False),
+    )
+    padding = m.get("conv_padding", "same")
+    norm = dict(bn_momentum=m.norm.momentum, bn_epsilon=m.norm.epsilon)
+    return frcnn.FasterRCNN(
+        backbone=build_backbone(m),
+        decoder=_build_decoder(m),
+        rpn_head=RPNHead(
+            num_anchors=anchor.num_anchors,
+            min_level=m.min_level,
+            max_level=m.max_level,
+            num_convs=rpn.num_convs,
+            num_filters=rpn.num_filters,
+            norm=rpn.get("norm") or None,
+            padding=padding,
+            dtype=_dtype(m),
+            **norm,
+        ),
+        box_head=BoxHead(
+            num_classes=m.num_classes,
+            num_convs=head.num_convs,
+            conv_filters=head.conv_filters,
+            num_fcs=head.num_fcs,
+            fc_dims=head.fc_dims,
+            norm=head.get("norm") or None,
+            class_agnostic_boxes=head.get("class_agnostic_boxes", False),
+            padding=padding,
+            dtype=_dtype(m),
+            **norm,
+        ),
+        image_size=m.image_size,
+        min_level=m.min_level,
+        max_level=m.max_level,
+        anchor=anchor,
+        proposals=frcnn.ProposalSettings(
+            pre_nms_top_k_train=rpn.pre_nms_top_k_train,
+            post_nms_top_k_train=rpn.post_nms_top_k_train,
+            pre_nms_top_k=rpn.pre_nms_top_k,
+            post_nms_top_k=rpn.post_nms_top_k,
+            nms_iou=rpn.nms_iou,
+            min_size=rpn.min_size,
+            score_threshold=rpn.get("score_threshold", 0.0),
+        ),
+        roi=frcnn.RoISettings(
+            min_level=roi.min_level,
+            max_level=roi.max_level,
+            output_size=roi.output_size,
+            sampling_ratio=roi.sampling_ratio,
+            aligned=roi.aligned,
+            canonical_size=roi.canonical_size,
+            canonical_level=roi.canonical_level,
+            num_samples=roi.num_samples,
+            foreground_fraction=roi.foreground_fraction,
+            foreground_iou=roi.foreground_iou,
+            background_iou_high=roi.background_iou_high,
+            background_iou_low=roi.background_iou_low,
+            box_weights=tuple(m.box_coder_weights),
+        ),
     )

@@ -1,0 +1,114 @@
+"""Two-stage detection (Faster R-CNN): RPN anchor targets and losses, the sampled RoIs' losses,
+and per-class detections from the box head.
+
+Losses follow torchvision's reductions (RPN: binary cross-entropy averaged over the 256 sampled
+anchors per image, smooth-L1 with beta 1/9 on positives over the same count; box head: softmax
+cross-entropy averaged over the sampled RoIs, smooth-L1 on the ground-truth class's deltas of
+foreground RoIs over the same count), each part weighted by ``config.loss.<part>_weight``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from scaledet_jax.models import build_model
+from scaledet_jax.models.faster_rcnn import rpn_anchors
+from scaledet_jax.ops import anchors as anchor_ops
+from scaledet_jax.ops import two_stage
+from scaledet_jax.tasks import init_with_images, register_task
+
+Array = jax.Array
+
+
+def _flatten(per_level: dict[int, Array], size: int) -> Array:
+    """{level: [B, H, W, A * size]} -> [B, N, size] in anchor order (size 1 drops the last axis)."""
+    flat = jnp.concatenate([v.reshape(v.shape[0], -1, size) for _, v in sorted(per_level.items())], axis=1)
+    return flat[..., 0] if size == 1 else flat
+
+
+@register_task("faster_rcnn")
+class FasterRCNNTask:
+    batch_fields = ("image", "boxes", "classes", "valid", "crowd")
+    log_losses = ("rpn_score_loss", "rpn_box_loss", "fast_rcnn_class_loss", "fast_rcnn_box_loss")
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.model = build_model(config.model)
+        per_level = rpn_anchors(config.model.image_size, self.model.min_level, self.model.max_level, self.model.anchor)
+        self.anchors = jnp.asarray(anchor_ops.flatten_levels(per_level))
+
+    def init(self, rngs: dict[str, Array], image_size: int) -> dict[str, Any]:
+        return init_with_images(self.model, rngs, image_size)
+
+    def losses(self, variables, batch, rng, train: bool = True):
+        gt = {k: batch[k] for k in ("boxes", "classes", "valid", "crowd")}
+        dropout_rng, sampling_rng, rpn_rng = jax.random.split(rng, 3)
+        rngs = {"dropout": dropout_rng, "sampling": sampling_rng}
+        if train:
+            outputs, updates = self.model.apply(
+                variables, batch["image"], gt, train=True, mutable=["batch_stats"], rngs=rngs
+            )
+            new_stats = updates["batch_stats"]
+        else:
+            outputs, new_stats = (
+                self.model.apply(variables, batch["image"], gt, train=False, rngs=rngs),
+                variables["batch_stats"],
+            )
+        r, c = self.config.model.rpn, self.config.loss
+
+        def targets(boxes, valid, crowd, key):
+            return two_stage.rpn_targets(
+                self.anchors, boxes, valid, crowd, key,
+                positive_iou=r.positive_iou, negative_iou=r.negative_iou,
+                batch_size_per_image=r.batch_size_per_image, positive_fraction=r.positive_fraction,
+            )  # fmt: skip
+
+        keys = jax.random.split(rpn_rng, batch["image"].shape[0])
+        rpn = jax.vmap(targets)(gt["boxes"], gt["valid"], gt["crowd"], keys)
+        rpn_parts = two_stage.rpn_loss(
+            _flatten(outputs["rpn_objectness"], 1),
+            _flatten(outputs["rpn_deltas"], 4),
+            rpn["labels"],
+            rpn["box_targets"],
+            beta=c.rpn_smooth_l1_beta,
+        )
+        samples = outputs["roi_targets"]
+        roi_parts = two_stage.fast_rcnn_loss(
+            outputs["class_logits"],
+            outputs["box_deltas"],
+            samples["classes"],
+            samples["box_targets"],
+            samples["valid"],
+            beta=c.roi_smooth_l1_beta,
+        )
+        parts = {**rpn_parts, **roi_parts}
+        parts["model_loss"] = (
+            c.rpn_score_weight * parts["rpn_score_loss"]
+            + c.rpn_box_weight * parts["rpn_box_loss"]
+            + c.class_weight * parts["fast_rcnn_class_loss"]
+            + c.box_weight * parts["fast_rcnn_box_loss"]
+        )
+        parts["num_foreground_rois"] = jnp.sum(samples["foreground"] & samples["valid"]).astype(jnp.float32)
+        return parts, new_stats
+
+    def predict(self, variables, images):
+        m = self.config.model
+        outputs = self.model.apply(variables, images, train=False)
+        d = m.detection
+        return two_stage.fast_rcnn_detections(
+            outputs["class_logits"],
+            outputs["box_deltas"],
+            outputs["rois"],
+            outputs["roi_valid"],
+            (m.image_size, m.image_size),
+            box_weights=tuple(m.box_coder_weights),
+            score_threshold=d.score_threshold,
+            nms_iou=d.nms_iou_threshold,
+            max_detections=d.max_detections,
+            min_size=d.get("min_size", 1e-2),
+            pre_nms_top_k=d.pre_nms_top_k,
+        )
