@@ -255,6 +255,7 @@ def fasterrcnn_config() -> ml_collections.ConfigDict:
     )
     config.loss = ml_collections.ConfigDict(
         dict(
+            style="torchvision",  # or 'model_garden' (Huber losses; the betas are its deltas, 1.0 for the RoI box)
             rpn_smooth_l1_beta=1.0 / 9.0,
             roi_smooth_l1_beta=1.0 / 9.0,
             rpn_score_weight=1.0,

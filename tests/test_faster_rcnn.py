@@ -167,3 +167,11 @@ def test_retinanet_resnet50_fpn_config_has_model_gardens_parameter_count():
     theirs = sum(int(np.prod(v.shape)) for v in keras_model.trainable_variables)
     ours = profile.count_params(profile.abstract_variables(build_task(config).model, size)["params"])
     assert ours == theirs, (ours, theirs)
+
+
+def test_rpn_level_sizes_follow_the_anchor_layout(task_and_batch):
+    config, task, _, _ = task_and_batch
+    a = config.model.anchor
+    per_location = a.num_scales * len(a.aspect_ratios)
+    expected = tuple((128 // 2**level) ** 2 * per_location for level in range(3, 6))
+    assert task.level_sizes == expected and sum(expected) == task.anchors.shape[0]

@@ -538,3 +538,45 @@ def test_fast_rcnn_loss_matches_torchvision():
     )
     np.testing.assert_allclose(float(got["fast_rcnn_class_loss"]), tv_cls.item(), rtol=1e-5)
     np.testing.assert_allclose(float(got["fast_rcnn_box_loss"]), tv_box.item(), rtol=1e-5)
+
+
+def test_model_garden_loss_style_matches_model_gardens_losses():
+    """style='model_garden' against tf-models-official's RpnScoreLoss / RpnBoxLoss / FastrcnnClassLoss /
+    FastrcnnBoxLoss run on the same values (per-level RPN box normalisation included)."""
+    import tensorflow as tf
+    from official.vision.losses import maskrcnn_losses as mg
+
+    rng = np.random.RandomState(12)
+    batch, shapes = 2, {2: (8, 8, 3), 3: (4, 4, 3)}
+    sizes = tuple(int(np.prod(s)) for s in shapes.values())
+    num = sum(sizes)
+    logits = rng.normal(0, 2, (batch, num)).astype(np.float32)
+    deltas = rng.normal(0, 0.3, (batch, num, 4)).astype(np.float32)
+    labels = rng.choice([-1, 0, 1], size=(batch, num), p=[0.6, 0.3, 0.1])
+    targets = np.where((labels == 1)[..., None], rng.normal(0, 0.3, (batch, num, 4)), 0.0).astype(np.float32)
+    got = two_stage.rpn_loss(logits, deltas, labels, targets, style="model_garden", level_sizes=sizes)
+    split = (
+        lambda x, last: {  # noqa: E731
+            level: tf.constant(part.reshape((batch,) + shape[:2] + (shape[2] * last,)))
+            for (level, shape), part in zip(shapes.items(), np.split(x, np.cumsum(sizes)[:-1], axis=1), strict=True)
+        }
+    )
+    score = mg.RpnScoreLoss(256)(split(logits, 1), split(labels.astype(np.float32), 1))
+    box = mg.RpnBoxLoss(1.0 / 9.0)(split(deltas, 4), split(targets, 4))
+    np.testing.assert_allclose(float(got["rpn_score_loss"]), float(score), rtol=1e-5)
+    np.testing.assert_allclose(float(got["rpn_box_loss"]), float(box), rtol=1e-5)
+
+    samples, num_classes = 64, 5
+    class_logits = rng.normal(0, 2, (batch, samples, num_classes)).astype(np.float32)
+    box_deltas = rng.normal(0, 0.8, (batch, samples, num_classes * 4)).astype(np.float32)
+    box_targets = rng.normal(0, 0.8, (batch, samples, 4)).astype(np.float32)
+    classes = np.where(rng.uniform(size=(batch, samples)) < 0.3, rng.randint(1, num_classes, (batch, samples)), 0)
+    got = two_stage.fast_rcnn_loss(
+        class_logits, box_deltas, classes, box_targets, np.ones((batch, samples), bool), beta=1.0, style="model_garden"
+    )
+    mg_class = mg.FastrcnnClassLoss()(tf.constant(class_logits), tf.constant(classes.astype(np.float32)))
+    mg_box = mg.FastrcnnBoxLoss(1.0)(tf.constant(box_deltas), tf.constant(classes), tf.constant(box_targets))
+    np.testing.assert_allclose(float(got["fast_rcnn_class_loss"]), float(mg_class), rtol=1e-5)
+    np.testing.assert_allclose(float(got["fast_rcnn_box_loss"]), float(mg_box), rtol=1e-5)
+    with pytest.raises(ValueError, match="loss style"):
+        two_stage.rpn_loss(logits, deltas, labels, targets, style="detectron")

@@ -345,26 +345,70 @@ def smooth_l1(diff: Array, beta: float) -> Array:
     return jnp.where(ax < beta, 0.5 * ax**2 / beta, ax - 0.5 * beta)
 
 
+def huber(diff: Array, delta: float) -> Array:
+    """Element-wise Huber loss (Keras ``Huber``): 0.5 x^2 below ``delta``, delta * (|x| - delta / 2) above."""
+    ax = jnp.abs(diff)
+    return jnp.where(ax <= delta, 0.5 * ax**2, delta * ax - 0.5 * delta**2)
+
+
+LOSS_STYLES = ("torchvision", "model_garden")
+
+
+def _check_style(style: str) -> None:
+    if style not in LOSS_STYLES:
+        raise ValueError(f"loss style must be one of {LOSS_STYLES}, got {style!r}")
+
+
 def rpn_loss(
-    objectness_logits: Array, deltas: Array, labels: Array, box_targets: Array, *, beta: float = 1.0 / 9.0
+    objectness_logits: Array,
+    deltas: Array,
+    labels: Array,
+    box_targets: Array,
+    *,
+    beta: float = 1.0 / 9.0,
+    style: str = "torchvision",
+    batch_size_per_image: int = 256,
+    level_sizes: tuple[int, ...] | None = None,
 ) -> dict[str, Array]:
-    """RPN losses of a batch with torchvision's reductions (``RegionProposalNetwork.compute_loss``).
+    """RPN losses of a batch.
 
     objectness_logits [B, N], deltas [B, N, 4], labels [B, N] (1 / 0 sampled, -1 not sampled, as
-    from :func:`rpn_targets`), box_targets [B, N, 4]. ``rpn_score_loss``: binary cross-entropy with
-    logits averaged over the sampled anchors of the whole batch; ``rpn_box_loss``: smooth L1
-    (``beta``) summed over the sampled positives, divided by the number of sampled anchors.
+    from :func:`rpn_targets`), box_targets [B, N, 4].
+
+    ``style='torchvision'`` (``RegionProposalNetwork.compute_loss``): ``rpn_score_loss`` is binary
+    cross-entropy with logits averaged over the sampled anchors of the whole batch; ``rpn_box_loss``
+    smooth L1 (``beta``) summed over the sampled positives, divided by the number of sampled anchors.
+
+    ``style='model_garden'`` (``RpnScoreLoss`` / ``RpnBoxLoss``): the score loss is summed over
+    sampled anchors and divided by B * ``batch_size_per_image``; the box loss is Huber with delta
+    ``beta`` on the positives' coordinates, normalised per pyramid level by (4 * positives of that
+    level + 0.01) and summed over levels (``level_sizes``: anchors per level, in order; None = one level).
     """
+    _check_style(style)
     logits = objectness_logits.astype(jnp.float32)
     sampled, positive = labels >= 0, labels == 1
-    num_sampled = jnp.maximum(jnp.sum(sampled), 1).astype(jnp.float32)
     target = positive.astype(jnp.float32)
     bce = jnp.maximum(logits, 0.0) - logits * target + jnp.log1p(jnp.exp(-jnp.abs(logits)))
-    box = smooth_l1(deltas.astype(jnp.float32) - box_targets, beta)
-    return {
-        "rpn_score_loss": jnp.sum(jnp.where(sampled, bce, 0.0)) / num_sampled,
-        "rpn_box_loss": jnp.sum(jnp.where(positive[..., None], box, 0.0)) / num_sampled,
-    }
+    diff = deltas.astype(jnp.float32) - box_targets
+    if style == "torchvision":
+        num_sampled = jnp.maximum(jnp.sum(sampled), 1).astype(jnp.float32)
+        box = smooth_l1(diff, beta)
+        return {
+            "rpn_score_loss": jnp.sum(jnp.where(sampled, bce, 0.0)) / num_sampled,
+            "rpn_box_loss": jnp.sum(jnp.where(positive[..., None], box, 0.0)) / num_sampled,
+        }
+    score = jnp.sum(jnp.where(sampled, bce, 0.0)) / (logits.shape[0] * batch_size_per_image)
+    per_anchor = jnp.sum(jnp.where(positive[..., None], huber(diff, beta), 0.0), axis=-1)  # [B, N]
+    sizes = level_sizes or (logits.shape[1],)
+    if sum(sizes) != logits.shape[1]:
+        raise ValueError(f"level_sizes {sizes} do not add up to the {logits.shape[1]} anchors")
+    box, start = 0.0, 0
+    for size in sizes:
+        level = slice(start, start + size)
+        count = 4.0 * jnp.sum(positive[:, level]).astype(jnp.float32)
+        box = box + jnp.sum(per_anchor[:, level]) / (count + 0.01)
+        start += size
+    return {"rpn_score_loss": score, "rpn_box_loss": box}
 
 
 def fast_rcnn_loss(
@@ -375,15 +419,19 @@ def fast_rcnn_loss(
     valid: Array,
     *,
     beta: float = 1.0 / 9.0,
+    style: str = "torchvision",
 ) -> dict[str, Array]:
-    """Box-head losses of a batch with torchvision's reductions (``roi_heads.fastrcnn_loss``).
+    """Box-head losses of a batch of sampled RoIs.
 
     class_logits [B, S, C], box_deltas [B, S, C * 4] (or [B, S, 4] class-agnostic), classes [B, S]
     (0 background), box_targets [B, S, 4], valid [B, S] (real samples, as from :func:`sample_rois`).
-    ``fast_rcnn_class_loss``: softmax cross-entropy averaged over valid samples;
-    ``fast_rcnn_box_loss``: smooth L1 (``beta``) of the deltas of each sample's gt class, summed over
-    valid foreground samples (class > 0), divided by the number of valid samples.
+    ``fast_rcnn_class_loss``: softmax cross-entropy averaged over valid samples (both styles).
+    ``fast_rcnn_box_loss`` on the deltas of each valid foreground sample's gt class:
+    ``style='torchvision'`` (``fastrcnn_loss``): smooth L1 (``beta``) summed, divided by the number of
+    valid samples; ``style='model_garden'`` (``FastrcnnBoxLoss``): Huber with delta ``beta`` summed,
+    divided by (4 * foreground samples + 0.01).
     """
+    _check_style(style)
     logits = class_logits.astype(jnp.float32)
     valid = valid.astype(bool)
     num_valid = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
@@ -393,8 +441,12 @@ def fast_rcnn_loss(
     codes = _per_class_deltas(box_deltas.astype(jnp.float32), logits.shape[-1])
     codes = jnp.take_along_axis(codes, classes[..., None, None], axis=-2)[..., 0, :]
     foreground = valid & (classes > 0)
-    box = smooth_l1(codes - box_targets, beta)
+    if style == "torchvision":
+        box = jnp.sum(jnp.where(foreground[..., None], smooth_l1(codes - box_targets, beta), 0.0)) / num_valid
+    else:
+        count = 4.0 * jnp.sum(foreground).astype(jnp.float32)
+        box = jnp.sum(jnp.where(foreground[..., None], huber(codes - box_targets, beta), 0.0)) / (count + 0.01)
     return {
         "fast_rcnn_class_loss": jnp.sum(jnp.where(valid, cross_entropy, 0.0)) / num_valid,
-        "fast_rcnn_box_loss": jnp.sum(jnp.where(foreground[..., None], box, 0.0)) / num_valid,
+        "fast_rcnn_box_loss": box,
     }

@@ -1,10 +1,12 @@
 """Two-stage detection (Faster R-CNN): RPN anchor targets and losses, the sampled RoIs' losses,
 and per-class detections from the box head.
 
-Losses follow torchvision's reductions (RPN: binary cross-entropy averaged over the 256 sampled
-anchors per image, smooth-L1 with beta 1/9 on positives over the same count; box head: softmax
-cross-entropy averaged over the sampled RoIs, smooth-L1 on the ground-truth class's deltas of
-foreground RoIs over the same count), each part weighted by ``config.loss.<part>_weight``.
+Losses follow ``config.loss.style``: 'torchvision' (RPN: binary cross-entropy averaged over the
+256 sampled anchors per image, smooth-L1 with beta 1/9 on positives over the same count; box head:
+softmax cross-entropy averaged over the sampled RoIs, smooth-L1 on the ground-truth class's deltas of
+foreground RoIs over the same count) or 'model_garden' (its fixed RPN normaliser, Huber losses
+normalised per positive coordinate, per level for the RPN); see ``ops.two_stage``. Each part is
+weighted by ``config.loss.<part>_weight``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class FasterRCNNTask:
         self.model = build_model(config.model)
         per_level = rpn_anchors(config.model.image_size, self.model.min_level, self.model.max_level, self.model.anchor)
         self.anchors = jnp.asarray(anchor_ops.flatten_levels(per_level))
+        self.level_sizes = tuple(v.size // 4 for _, v in sorted(per_level.items()))
 
     def init(self, rngs: dict[str, Array], image_size: int) -> dict[str, Any]:
         return init_with_images(self.model, rngs, image_size)
@@ -75,6 +78,9 @@ class FasterRCNNTask:
             rpn["labels"],
             rpn["box_targets"],
             beta=c.rpn_smooth_l1_beta,
+            style=c.get("style", "torchvision"),
+            batch_size_per_image=r.batch_size_per_image,
+            level_sizes=self.level_sizes,
         )
         samples = outputs["roi_targets"]
         roi_parts = two_stage.fast_rcnn_loss(
@@ -84,6 +90,7 @@ class FasterRCNNTask:
             samples["box_targets"],
             samples["valid"],
             beta=c.roi_smooth_l1_beta,
+            style=c.get("style", "torchvision"),
         )
         parts = {**rpn_parts, **roi_parts}
         parts["model_loss"] = (
