@@ -121,7 +121,13 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     define_config_flag()
-    flags.DEFINE_string("from", None, "Source layout: mmdet-spinenet, mmdet-efficientdet, effdet, timm-efficientnet.")
+    flags.DEFINE_string(
+        "from",
+        None,
+        "Source layout: mmdet-spinenet, mmdet-efficientdet, effdet, timm-efficientnet, torchvision "
+        "(Faster R-CNN / RetinaNet ResNet-FPN state_dicts), torchvision-coco-v1 (torchvision's published "
+        "COCO_V1 weights: FrozenBatchNorm eps 0).",
+    )
     flags.DEFINE_string(
         "input", None, "PyTorch checkpoint (.pth/.pt via torch.load(weights_only=True), or .safetensors)."
     )

@@ -155,14 +155,20 @@ def apply_model_options(config, directory: str) -> list[str]:
 
 
 def set_model_options(config, options: dict[str, Any]) -> list[str]:
-    """``config.model.<dotted key> = value`` for each option; returns the changes made."""
+    """``config.model.<dotted key> = value`` for each option; returns the changes made. A leaf the
+    config does not have (an option its source never needed, e.g. ``anchor.truncate_sizes``) is
+    added, even to a locked config."""
     changes = []
     for dotted, value in options.items():
         node = config.model
         *path, leaf = dotted.split(".")
         for part in path:
             node = node[part]
-        if node[leaf] != value:
+        if leaf not in node:
+            changes.append(f"model.{dotted}: (unset) -> {value!r}")
+            with node.unlocked():
+                node[leaf] = value
+        elif node[leaf] != value:
             changes.append(f"model.{dotted}: {node[leaf]!r} -> {value!r}")
             node[leaf] = value
     return changes

@@ -16,6 +16,7 @@ import numpy as np
 
 from scaledet_jax.convert import effdet as effdet_layout
 from scaledet_jax.convert import mmdet as mmdet_layout
+from scaledet_jax.convert import torchvision as torchvision_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +69,7 @@ class Layout:
         return model, shapes, variables, report, options
 
 
-# The input normalisation all four sources trained with: ImageNet mean/std on RGB 0-255 pixels
+# The input normalisation all these sources trained with: ImageNet mean/std on RGB 0-255 pixels
 # (mmdetection's img_norm_cfg with to_rgb=True; timm/effdet IMAGENET_DEFAULT_MEAN/STD * 255).
 IMAGENET_RGB_INPUT = {
     "input.mean": (123.675, 116.28, 103.53),
@@ -160,6 +161,32 @@ LAYOUTS = {
             duplicates=mmdet_layout.head_duplicates,
             options_from_state=mmdet_layout.retinanet_class_options,
             transform=mmdet_layout.efficientdet_transform,
+        ),
+        Layout(
+            name="torchvision",
+            description="torchvision fasterrcnn_resnet50_fpn / retinanet_resnet50_fpn (FrozenBatchNorm eps 1e-5)",
+            source=torchvision_layout.torchvision_source,
+            ignored=torchvision_layout.torchvision_ignored,
+            model_options={"backbone.bn_epsilon": 1e-5, **IMAGENET_RGB_INPUT},
+            options_from_state=torchvision_layout.torchvision_options,
+            transform=torchvision_layout.torchvision_transform,
+            reference=torchvision_layout.torchvision_reference,
+            compare=torchvision_layout.torchvision_compare,
+        ),
+        Layout(
+            # torchvision's published COCO_V1 weights (fasterrcnn_resnet50_fpn_coco-258fb6c6.pth,
+            # retinanet_resnet50_fpn_coco-eeacb38b.pth): torchvision runs them with FrozenBatchNorm
+            # eps 0 (overwrite_eps): the epsilon FrozenBatchNorm2d had before torchvision 0.8
+            # (pytorch/vision#2933), when they were trained.
+            name="torchvision-coco-v1",
+            description="torchvision's published COCO_V1 Faster R-CNN / RetinaNet weights (FrozenBatchNorm eps 0)",
+            source=torchvision_layout.torchvision_source,
+            ignored=torchvision_layout.torchvision_ignored,
+            model_options={"backbone.bn_epsilon": 0.0, **IMAGENET_RGB_INPUT},
+            options_from_state=torchvision_layout.torchvision_options,
+            transform=torchvision_layout.torchvision_transform,
+            reference=torchvision_layout.torchvision_reference,
+            compare=torchvision_layout.torchvision_compare,
         ),
         Layout(
             name="timm-efficientnet",

@@ -19,15 +19,22 @@ Array = jax.Array
 
 
 def model_anchors(config: ml_collections.ConfigDict) -> np.ndarray:
-    """The model's anchors, flattened in head-output order: [N, 4]."""
+    """The model's anchors, flattened in head-output order: [N, 4]. ``model.anchor.{center_offset,
+    round_base, integer_stride, truncate_sizes}`` (absent: Model Garden's layout) select
+    torchvision's layout (see ``ops.anchors.level_anchors``)."""
     m = config.model
+    a = m.anchor
     per_level = anchor_ops.multilevel_anchors(
         m.min_level,
         m.max_level,
-        m.anchor.num_scales,
-        list(m.anchor.aspect_ratios),
-        m.anchor.anchor_size,
+        a.num_scales,
+        list(a.aspect_ratios),
+        a.anchor_size,
         (m.image_size, m.image_size),
+        center_offset=a.get("center_offset", 0.5),
+        round_base=a.get("round_base", False),
+        integer_stride=a.get("integer_stride", False),
+        truncate_sizes=a.get("truncate_sizes", False),
     )
     return anchor_ops.flatten_levels(per_level)
 
