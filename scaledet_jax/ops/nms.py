@@ -25,7 +25,7 @@ def nms(boxes: Array, scores: Array, iou_threshold: float, max_outputs: int) -> 
 
     def body(i, state):
         remaining, keep, valid = state
-        best = jnp.argmax(remaining)
+        best = jnp.argmax(remaining).astype(jnp.int32)
         ok = remaining[best] > -jnp.inf
         overlaps = iou[best] if iou is not None else box_iou(boxes[best][None], boxes)[0]
         suppressed = (overlaps > iou_threshold) | (jnp.arange(num) == best)
