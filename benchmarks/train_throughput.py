@@ -75,7 +75,7 @@ def bench_pipeline(config) -> float:
     from scaledet_jax.data import pipeline
 
     with tempfile.TemporaryDirectory() as workdir:
-        builder = pipeline.get_builder(config.data, workdir)
+        builder = pipeline.get_builder(config, workdir)
         batches = pipeline.train_batches(config, builder)
         next(batches)
         start = time.perf_counter()

@@ -74,6 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
     data.synthetic_train_images = 600  # data.source='synthetic' writes a COCO folder (workdir/synthetic_data)
     data.synthetic_val_images = 100
     data.synthetic_seed = 0
+    # Where a COCO folder's prepared tfds copy goes ('' = FOLDER/tfds, or WORKDIR/prepared_data when the
+    # folder is read-only); each copy is keyed by a fingerprint of the jsons and image files.
+    data.cache_dir = ""
+    data.skip_bad_images = False  # True: leave unreadable images of a COCO folder out (counted in the log)
     data.shuffle_buffer = 1000
     data.train_split = "train"
     data.eval_split = "validation"

@@ -186,7 +186,7 @@ class Run:
         self.task = build_task(config)
         self.model = self.task.model
         self._predict = None  # the jitted predict function, compiled once per run
-        self.builder = pipeline.get_builder(config.data, self.workdir)
+        self.builder = pipeline.get_builder(config, self.workdir)
         try:
             num_train = self.builder.info.splits[config.data.train_split].num_examples
         except KeyError:

@@ -28,27 +28,31 @@ def _hide_accelerators_from_tf() -> None:
         pass
 
 
-def get_builder(data: ml_collections.ConfigDict, workdir: str):
-    """The tfds builder for ``config.data``, prepared; a clear UserError when data is missing."""
+def get_builder(config: ml_collections.ConfigDict, workdir: str):
+    """The tfds builder for ``config.data``, prepared and checked against ``config.model``; a one-line
+    UserError when the data is missing, malformed or does not fit the model (``check_dataset``)."""
     import tensorflow_datasets as tfds
 
     from scaledet_jax.data import coco_folder, synthetic
 
+    data = config.data
     if data.source == "synthetic":
         folder = data.coco_folder or os.path.join(workdir, "synthetic_data")
-        synthetic.generate(folder, data.synthetic_train_images, data.synthetic_val_images, data.synthetic_seed)
-        builder = coco_folder.CocoFolder(folder=folder)
-        builder.download_and_prepare()
-        return builder
+        try:
+            synthetic.generate(folder, data.synthetic_train_images, data.synthetic_val_images, data.synthetic_seed)
+        except OSError as e:
+            raise UserError(
+                f"cannot write the synthetic dataset to {folder}: {e.strerror or e}; use a writable workdir or "
+                "set --config.data.coco_folder to a writable folder"
+            ) from None
+        return _prepare_folder(config, folder, workdir)
     if data.source == "coco_folder":
         if not data.coco_folder or not coco_folder.split_names(data.coco_folder):
             raise UserError(
                 f"no COCO-format data in {data.coco_folder or '(unset)'}: set --config.data.coco_folder to a folder "
                 "with annotations/instances_<split>.json and the images in <split>/"
             )
-        builder = coco_folder.CocoFolder(folder=data.coco_folder)
-        builder.download_and_prepare()
-        return builder
+        return _prepare_folder(config, data.coco_folder, workdir)
     if data.source == "tfds":
         data_dir = data.tfds_data_dir or None
         builder = tfds.builder(data.tfds_name, data_dir=data_dir)
@@ -60,8 +64,112 @@ def get_builder(data: ml_collections.ConfigDict, workdir: str):
                 f"{where}/downloads/manual for offline machines), or point --config.data.source=coco_folder "
                 "--config.data.coco_folder=DIR at a COCO-format folder"
             )
+        ids = _tfds_category_ids(builder, data)
+        if ids is not None:
+            check_categories(config.model, ids, f"tfds {data.tfds_name}")
         return builder
     raise UserError(f"unknown data.source {data.source!r}; use 'tfds', 'coco_folder' or 'synthetic'")
+
+
+def _prepare_folder(config: ml_collections.ConfigDict, folder: str, workdir: str):
+    from scaledet_jax.data import coco_folder
+
+    data = config.data
+    return coco_folder.prepare(
+        folder,
+        cache_dir=data.get("cache_dir", ""),
+        fallback_dir=os.path.join(workdir, "prepared_data"),
+        skip_bad_images=data.get("skip_bad_images", False),
+        check=lambda summaries: check_dataset(config, summaries),
+    )
+
+
+def check_dataset(config: ml_collections.ConfigDict, summaries: dict[str, dict]) -> None:
+    """Refuses data that would train on nothing or on the wrong classes (one UserError line):
+    a training json without ``annotations`` or without any object, and category ids of the train
+    or eval split that the model has no output for (``check_categories``). ``summaries``: split ->
+    ``coco_folder.SplitIndex.summary()``."""
+    data = config.data
+    train = summaries.get(data.train_split)
+    if train is not None:
+        if not train["has_annotations"]:
+            raise UserError(
+                f"{train['json']} has no 'annotations', so training on split {data.train_split!r} would learn "
+                "nothing: add the annotations, or set --config.data.train_split to an annotated split"
+            )
+        if train["objects"] == 0:
+            raise UserError(
+                f"{train['json']} has no object to train on ({train['images']} images, {train['annotations']} "
+                "annotations, none a non-crowd box of positive size): add annotations, or set "
+                "--config.data.train_split to an annotated split"
+            )
+    used: dict[int, int] = {}
+    files = []
+    for split in dict.fromkeys((data.train_split, data.eval_split)):
+        summary = summaries.get(split)
+        if summary is None:
+            continue
+        files.append(os.path.basename(summary["json"]))
+        for category, count in summary["category_ids"].items():
+            used[int(category)] = used.get(int(category), 0) + count
+    if used:
+        check_categories(config.model, used, " and ".join(files))
+
+
+def check_categories(model: ml_collections.ConfigDict, used: dict[int, int | None], where: str) -> None:
+    """Every category id in ``used`` (id -> annotation count, or None when unknown) must have an output
+    in the model's class layout, else it would train as background and still be scored as ground truth.
+
+    Layouts: ``background_slot`` (output c is category c, 0 background: ids 1..num_classes-1);
+    ``category_ids`` without background slot (output c is category_ids[c]); otherwise automl's
+    (output c is category c + 1: ids 1..num_classes).
+    """
+    n = int(model.num_classes)
+    ids = tuple(model.get("category_ids", ()) or ())
+    if model.get("background_slot", True):
+        covered = set(range(1, n))
+        layout = f"model.num_classes={n} with the background slot 0 has outputs for ids 1..{n - 1}"
+        needed = max(used) + 1
+    elif ids:
+        covered = set(ids)
+        layout = f"model.category_ids has {len(ids)} ids"
+        needed = None
+    else:
+        covered = set(range(1, n + 1))
+        layout = f"model.num_classes={n} without a background slot has outputs for ids 1..{n}"
+        needed = max(used)
+    bad = sorted(c for c in used if c not in covered)
+    if not bad:
+        return
+    listed = ", ".join(map(str, bad[:20])) + (f" and {len(bad) - 20} more" if len(bad) > 20 else "")
+    counts = [used[c] for c in bad]
+    of = f"{sum(counts)} annotation{'s' * (sum(counts) != 1)} in {where}" if None not in counts else where
+    fixes = []
+    if bad[0] < 1 and not ids:
+        fixes.append("number the categories from 1 (id 0 is background)")
+    if needed is None:
+        fixes.append("add them to --config.model.category_ids (and set --config.model.num_classes to its length)")
+    elif bad[-1] >= 1:
+        fixes.append(f"set --config.model.num_classes={needed}")
+    fix = " and ".join(fixes)
+    raise UserError(
+        f"category ids {listed} ({of}) have no output in the model ({layout}), so they would train as "
+        f"background and still be scored: {fix}"
+    )
+
+
+def _tfds_category_ids(builder, data: ml_collections.ConfigDict) -> dict[int, None] | None:
+    """The category ids a tfds dataset can hold (its ClassLabel, through ``label_map``), or None."""
+    import tensorflow_datasets as tfds
+
+    try:
+        label = builder.info.features["objects"]["label"]
+    except (KeyError, TypeError):
+        return None
+    if not isinstance(label, tfds.features.ClassLabel):
+        return None
+    mapping = label_map(data)
+    return {(mapping[i] if mapping else i): None for i in range(label.num_classes)}
 
 
 def normalization(config: ml_collections.ConfigDict) -> dict:
