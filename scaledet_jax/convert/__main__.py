@@ -6,7 +6,9 @@
 Prints a report: tensors mapped, tensors ignored with the reason, shared copies checked, and —
 with ``--reference`` (the original PyTorch model's name, built with random init and loaded with
 the same checkpoint) — the parity measured on a random image. Any missing, unexpected or
-mis-shaped tensor stops the conversion with the full list and nothing written. Then:
+mis-shaped tensor, or one holding NaN/Inf, stops the conversion with the list and nothing written.
+``--overwrite`` replaces only a previous converted checkpoint (swapped in once the new one is
+complete); input and output are checked before the slow work. Then:
 
     python main.py --config=configs/efficientdet_d0.py --workdir=runs/eval_d0 --mode=eval \\
         --config.init_from=converted/d0
@@ -37,10 +39,6 @@ def _progress(done: int, total: int, state={"last": -1}) -> None:  # noqa: B006 
 
 
 def main(argv: list[str]) -> None:
-    import jax
-    import numpy as np
-
-    from scaledet_jax.convert import checkpoint, torch_layout
     from scaledet_jax.convert.layouts import LAYOUTS
 
     if len(argv) > 1:
@@ -50,56 +48,92 @@ def main(argv: list[str]) -> None:
     for name in ("input", "output"):
         if not FLAGS[name].value:
             raise UserError(f"--{name} is required")
-    layout = LAYOUTS[FLAGS["from"].value]
-    config = config_from_flags()
-    checkpoint.check_output(FLAGS.output, FLAGS.overwrite)  # fail before the work, not after
+    convert_checkpoint(
+        FLAGS["from"].value,
+        config_from_flags(),
+        FLAGS["config"].config_filename,
+        FLAGS.input,
+        FLAGS.output,
+        reference=FLAGS.reference,
+        image_size=FLAGS.image_size,
+        overwrite=FLAGS.overwrite,
+    )
+
+
+def convert_checkpoint(
+    layout_name: str,
+    config,
+    config_path: str,
+    input_path: str,
+    output: str,
+    *,
+    reference: str | None = None,
+    image_size: int | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """The converter's work behind the flags: checks input and output (cheaply, before the slow load
+    and mapping), converts ``input_path`` with layout ``layout_name`` onto the model of ``config``,
+    writes ``output`` and prints the report. Returns the ``conversion.json`` contents. Every user
+    mistake is a one-line ``UserError``, and nothing is written then."""
+    import jax
+    import numpy as np
+
+    from scaledet_jax.convert import checkpoint, torch_layout
+    from scaledet_jax.convert.layouts import LAYOUTS
+
+    if layout_name not in LAYOUTS:
+        raise UserError(f"unknown layout --from={layout_name!r}; available: {', '.join(LAYOUTS)}")
+    layout = LAYOUTS[layout_name]
+    if reference and layout.reference is None:
+        raise UserError(f"layout {layout.name} has no reference model for parity")
+    checkpoint.check_input(input_path)  # fail before the work, not after
+    checkpoint.check_output(output, overwrite)
 
     start = time.perf_counter()
-    if os.path.isfile(FLAGS.input):
-        size_mb = os.path.getsize(FLAGS.input) / 2**20
-        print(f"reading {FLAGS.input} ({size_mb:.1f} MiB) ...", file=sys.stderr, flush=True)
-    state, ignored_entries = checkpoint.load_state_dict(FLAGS.input)
-    print(f"read {len(state)} tensors from {FLAGS.input} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
-    size = FLAGS.image_size or config.model.image_size
+    size_mb = os.path.getsize(input_path) / 2**20
+    print(f"reading {input_path} ({size_mb:.1f} MiB) ...", file=sys.stderr, flush=True)
+    state, ignored_entries = checkpoint.load_state_dict(input_path)
+    print(f"read {len(state)} tensors from {input_path} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
+    size = image_size or config.model.image_size
     try:
         model, shapes, variables, report, model_options = layout.convert(state, config, size, progress=_progress)
+    except torch_layout.NonFiniteError as e:
+        raise UserError(f"{input_path}: {e}; nothing written to {output}") from None
     except torch_layout.ConversionError as e:
-        raise UserError(
-            f"{FLAGS.input} does not fit {FLAGS['config'].config_filename} as --from={layout.name}: {e}"
-        ) from None
+        raise UserError(f"{input_path} does not fit {config_path} as --from={layout.name}: {e}") from None
 
     parity = None
-    if FLAGS.reference:
-        if layout.reference is None:
-            raise UserError(f"layout {layout.name} has no reference model for parity")
+    if reference:
         import torch
 
-        reference = layout.reference(FLAGS.reference, config, size)
+        reference_model = layout.reference(reference, config, size)
         try:
-            reference.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}, strict=False)
+            reference_model.load_state_dict(
+                {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}, strict=False
+            )
         except RuntimeError as e:
             raise UserError(
-                f"--reference={FLAGS.reference} does not fit the checkpoint: {' '.join(str(e).split())[:300]}"
+                f"--reference={reference} does not fit the checkpoint: {' '.join(str(e).split())[:300]}"
             ) from None
         zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), dict(shapes))
         merged, _, _ = checkpoint.merge_into(zeros, variables)
         images = np.random.RandomState(0).normal(size=(1, size, size, 3)).astype(np.float32)
-        parity = layout.compare(reference, model, merged, images)
+        parity = layout.compare(reference_model, model, merged, images)
 
     info = {
         "layout": layout.name,
-        "source": os.path.abspath(FLAGS.input),
-        "config": FLAGS["config"].config_filename,
+        "source": os.path.abspath(input_path),
+        "config": config_path,
         "scope": list(layout.scope),
         "model_options": model_options,
         "mapped": len(report.mapped),
         "ignored": [list(item) for item in ignored_entries + report.ignored],
         "shared_checked": [list(item) for item in report.shared_checked],
-        "parity": {"reference": FLAGS.reference, "image_size": size, "max_abs_diff": parity} if parity else None,
+        "parity": {"reference": reference, "image_size": size, "max_abs_diff": parity} if parity else None,
     }
-    checkpoint.save_converted(FLAGS.output, variables, info, overwrite=FLAGS.overwrite)
+    checkpoint.save_converted(output, variables, info, overwrite=overwrite)
 
-    print(f"converted {FLAGS.input} ({layout.name}) -> {FLAGS.output}")
+    print(f"converted {input_path} ({layout.name}) -> {output}")
     print(f"  {report.summary()}")
     reasons: dict[str, int] = {}
     for _, reason in ignored_entries + report.ignored:
@@ -114,9 +148,10 @@ def main(argv: list[str]) -> None:
         print("  model options set: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     if parity:
         worst = ", ".join(f"{k} {v:.2e}" for k, v in parity.items())
-        print(f"  parity vs {FLAGS.reference} @ {size}: max abs diff {worst}")
+        print(f"  parity vs {reference} @ {size}: max abs diff {worst}")
     else:
         print("  parity: not measured (pass --reference=<original model name>)")
+    return info
 
 
 def run() -> None:
@@ -131,10 +166,14 @@ def run() -> None:
     flags.DEFINE_string(
         "input", None, "PyTorch checkpoint (.pth/.pt via torch.load(weights_only=True), or .safetensors)."
     )
-    flags.DEFINE_string("output", None, "Directory for the converted checkpoint (must not exist or be empty).")
+    flags.DEFINE_string(
+        "output", None, "Directory for the converted checkpoint (must not exist, be empty, or --overwrite)."
+    )
     flags.DEFINE_string("reference", None, "Original model name (e.g. tf_efficientdet_d0) to measure parity with.")
     flags.DEFINE_integer("image_size", None, "Input size for shapes and parity; default: the config's.")
-    flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
+    flags.DEFINE_bool(
+        "overwrite", False, "Replace a previous converted checkpoint at --output (never any other directory)."
+    )
     run_app(main, "scaledet_jax.convert")
 
 

@@ -11,8 +11,10 @@ A converted checkpoint is a directory: ``variables/`` (an orbax checkpoint of
 ``{'params', 'batch_stats'}``, possibly only a sub-tree such as the backbone) and
 ``conversion.json`` (source, layout, the model options the source's semantics need, the mapping
 report and the measured parity). It is written to a temporary sibling and renamed into place, so
-an interrupted or failed conversion leaves nothing behind. ``config.init_from = DIR`` starts
-training (or evaluation) from it.
+an interrupted or failed conversion leaves nothing behind. ``overwrite`` replaces only a previous
+converted checkpoint (never a directory holding anything else), by swapping the new one in after
+it is complete: a failure before the swap leaves the previous one untouched. Non-finite tensors
+are never written. ``config.init_from = DIR`` starts training (or evaluation) from it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import uuid
 from typing import Any
 
 import numpy as np
@@ -40,10 +43,50 @@ def _is_tensor(value: Any) -> bool:
     return hasattr(value, "shape") and hasattr(value, "dtype")
 
 
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+SHOWN_FILES = 3
+
+
+def checkpoint_files(directory: str, max_depth: int = 2, max_entries: int = 10_000) -> list[str]:
+    """PyTorch / safetensors checkpoint files in ``directory`` (and ``max_depth - 1`` levels below),
+    shallowest first, as paths joined onto ``directory``; the scan stops after ``max_entries`` entries."""
+    found: list[tuple[int, str]] = []
+    seen = 0
+    for root, dirs, files in os.walk(directory):
+        depth = os.path.relpath(root, directory).count(os.sep) + (root != directory)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if depth + 1 < max_depth else []
+        found += [(depth, os.path.join(root, f)) for f in sorted(files) if f.endswith(CHECKPOINT_SUFFIXES)]
+        seen += len(dirs) + len(files)
+        if seen > max_entries:
+            break
+    return [path for _, path in sorted(found)]
+
+
+def check_input(path: str) -> None:
+    """One-line ``UserError`` unless ``path`` is a readable file (a directory says what is inside it)."""
+    if os.path.isdir(path):
+        found = checkpoint_files(path)
+        if not found:
+            raise UserError(
+                f"checkpoint {path!r} is a directory with no {'/'.join(CHECKPOINT_SUFFIXES)} file in it; "
+                "pass the checkpoint file itself"
+            )
+        more = f" ({len(found)} found)" if len(found) > SHOWN_FILES else ""
+        raise UserError(
+            f"checkpoint {path!r} is a directory; pass the checkpoint file inside it, e.g. "
+            f"{', '.join(found[:SHOWN_FILES])}{more}"
+        )
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path!r} not found")
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path!r} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"checkpoint {path!r} is not readable (permission denied)")
+
+
 def load_state_dict(path: str) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
     """(state dict as float32/int NumPy arrays, [(ignored top-level entry, reason)])."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path!r} not found")
+    check_input(path)
     if path.endswith(".safetensors"):
         try:
             from safetensors.numpy import load_file
@@ -102,17 +145,81 @@ def unwrap(loaded: Any, path: str = "checkpoint") -> tuple[dict[str, np.ndarray]
 VARIABLES_DIR, INFO_FILE = "variables", "conversion.json"
 
 
+CONVERTED_INFO_KEYS = ("layout", "source", "mapped")  # every conversion.json this converter wrote has these
+
+
+def is_converted(directory: str) -> bool:
+    """Whether ``directory`` holds a checkpoint written by this converter (its ``conversion.json``)."""
+    try:
+        with open(os.path.join(directory, INFO_FILE)) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and all(key in info for key in CONVERTED_INFO_KEYS)
+
+
+def _listing(names: list[str], shown: int = SHOWN_FILES) -> str:
+    names = sorted(names)
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def check_output(output: str, overwrite: bool = False) -> None:
-    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)) and not overwrite:
-        raise UserError(f"output {output!r} exists and is not an empty directory; choose another or pass --overwrite")
+    """One-line ``UserError`` unless ``output`` can take a converted checkpoint: it does not exist and
+    can be created, or is an empty directory, or (with ``overwrite``) holds a previous converted
+    checkpoint and nothing else. Cheap: call it before the slow load and mapping."""
+    path = os.path.abspath(output)
+    if os.path.lexists(path):
+        if not os.path.isdir(path):
+            raise UserError(f"output {output!r} exists and is not a directory; choose another path")
+        entries = os.listdir(path)
+        if entries:
+            if not is_converted(path):
+                raise UserError(
+                    f"output {output!r} is a directory holding other things ({_listing(entries)}), not a converted "
+                    f"checkpoint{' (--overwrite only replaces those)' if overwrite else ''}; choose another path"
+                )
+            if not overwrite:
+                raise UserError(
+                    f"output {output!r} already holds a converted checkpoint; pass --overwrite to replace it "
+                    "or choose another path"
+                )
+            extra = sorted(set(entries) - {VARIABLES_DIR, INFO_FILE})
+            if extra:
+                raise UserError(
+                    f"output {output!r} holds a converted checkpoint but also {_listing(extra)}, which --overwrite "
+                    "would delete; move them out or choose another path"
+                )
+    existing = os.path.dirname(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"cannot create output {output!r}: {existing!r} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create output {output!r}: directory {existing!r} is not writable; choose another path")
+
+
+def nonfinite_leaves(tree: Any, where: str = "") -> list[tuple[str, int, int]]:
+    """[(path, NaN count, Inf count)] for the leaves of a nested dict holding NaN/Inf."""
+    from scaledet_jax.convert.torch_layout import nonfinite_counts
+
+    if isinstance(tree, dict):
+        return [found for key, value in tree.items() for found in nonfinite_leaves(value, f"{where}/{key}")]
+    nans, infs = nonfinite_counts(np.asarray(tree))
+    return [(where.lstrip("/"), nans, infs)] if nans or infs else []
 
 
 def save_converted(output: str, variables: dict[str, Any], info: dict[str, Any], overwrite: bool = False) -> None:
-    """Writes ``output/variables`` (orbax) and ``output/conversion.json`` atomically."""
+    """Writes ``output/variables`` (orbax) and ``output/conversion.json`` into a temporary sibling,
+    then moves it into place (swapping out a previous converted checkpoint with ``overwrite``)."""
     import orbax.checkpoint as ocp
 
-    output = os.path.abspath(output)
+    from scaledet_jax.convert.torch_layout import describe_nonfinite
+
+    bad = nonfinite_leaves(variables)
+    if bad:
+        raise UserError(f"refusing to write {output!r}: {describe_nonfinite(bad, 'converted variables')}")
     check_output(output, overwrite)
+    output = os.path.abspath(output)
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=os.path.basename(output) + ".partial-", dir=parent)
@@ -122,12 +229,29 @@ def save_converted(output: str, variables: dict[str, Any], info: dict[str, Any],
         checkpointer.wait_until_finished()
         with open(os.path.join(staging, INFO_FILE), "w") as f:
             json.dump(info, f, indent=1)
-        if os.path.exists(output):
-            shutil.rmtree(output)
-        os.replace(staging, output)
+        _move_into_place(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _move_into_place(staging: str, output: str) -> None:
+    """Renames the complete ``staging`` directory to ``output``. A previous ``output`` (checked by
+    ``check_output``) is first renamed aside, restored if the second rename fails, deleted after it."""
+    if not os.path.lexists(output):
+        os.rename(staging, output)
+        return
+    aside = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.replaced-{uuid.uuid4().hex[:8]}")
+    os.rename(output, aside)
+    try:
+        os.rename(staging, output)
+    except BaseException:
+        os.rename(aside, output)
+        raise
+    if os.path.islink(aside):  # output was a link to the previous checkpoint: the link goes, its target stays
+        os.unlink(aside)
+    else:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def read_info(directory: str) -> dict[str, Any]:

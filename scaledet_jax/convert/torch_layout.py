@@ -6,7 +6,9 @@ naming the PyTorch tensor that fills our variable ``path`` (a tuple such as
 (with the reason). ``convert`` then walks every variable of the target model, takes its tensor,
 transposes it to Flax's layout, checks the shape, and refuses (``ConversionError`` listing every
 missing / unexpected / mis-shaped key) unless every target is filled and every source tensor was
-used or explicitly ignored. Nothing is returned half-filled.
+used or explicitly ignored. A mapped tensor holding NaN or Inf is refused too (``NonFiniteError``,
+one line naming the source keys): a converted model would otherwise score nothing, silently.
+Nothing is returned half-filled.
 """
 
 from __future__ import annotations
@@ -24,6 +26,32 @@ Path = tuple[str, ...]
 
 class ConversionError(ValueError):
     """The checkpoint does not fit the model; the message lists every offending key."""
+
+
+class NonFiniteError(ConversionError):
+    """Mapped source tensors hold NaN/Inf; the one-line message names them (first few and the count)."""
+
+
+SHOWN_NONFINITE = 5
+
+
+def nonfinite_counts(array: np.ndarray) -> tuple[int, int]:
+    """(number of NaN, number of +-Inf) in ``array``; (0, 0) for integer and boolean arrays."""
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating)):
+        return 0, 0
+    if np.isfinite(array).all():
+        return 0, 0
+    return int(np.isnan(array).sum()), int(np.isinf(array).sum())
+
+
+def describe_nonfinite(found: list[tuple[str, int, int]], what: str = "source tensors") -> str:
+    """One line: ``N <what> hold NaN/Inf: key (2 NaN), key (1 Inf), ... and M more``."""
+    shown = []
+    for name, nans, infs in found[:SHOWN_NONFINITE]:
+        counts = [f"{n} {kind}" for n, kind in ((nans, "NaN"), (infs, "Inf")) if n]
+        shown.append(f"{name} ({', '.join(counts)})")
+    more = f" and {len(found) - SHOWN_NONFINITE} more" if len(found) > SHOWN_NONFINITE else ""
+    return f"{len(found)} {what} hold NaN/Inf: {', '.join(shown)}{more}"
 
 
 def to_numpy(tensor: Any) -> np.ndarray:
@@ -94,6 +122,7 @@ def convert(
     flat_targets = traverse_util.flatten_dict(dict(target_shapes))
     used: set[str] = set()
     missing, misshaped = [], []
+    nonfinite: list[tuple[str, int, int]] = []  # (source key, NaN count, Inf count)
     out: dict[Path, np.ndarray] = {}
     for i, (path, target) in enumerate(sorted(flat_targets.items())):
         key = source_key(path)
@@ -106,6 +135,9 @@ def convert(
             used.add(key)  # reported as mis-shaped, not also as unexpected
             misshaped.append(f"{key}: {tuple(array.shape)} -> {'/'.join(path)} {shape}")
             continue
+        nans, infs = nonfinite_counts(array)
+        if nans or infs:
+            nonfinite.append((key, nans, infs))
         if transform is not None:
             array = transform(path, array)
         out[path] = array.astype(np.float32) if np.issubdtype(array.dtype, np.floating) else array
@@ -143,6 +175,12 @@ def convert(
             problems.append(f"  {len(items)} {title}:\n    {shown}")
     if problems:
         raise ConversionError("checkpoint does not match the model:\n" + "\n".join(problems))
+    if nonfinite:
+        raise NonFiniteError(
+            describe_nonfinite(sorted(set(nonfinite)))
+            + "; refusing to convert them (the checkpoint is damaged or its training diverged: "
+            "use an earlier or freshly downloaded one)"
+        )
     return traverse_util.unflatten_dict(out), report
 
 
