@@ -8,6 +8,10 @@ Thin on purpose: flags in, one library call out.
   train           train only
   eval            evaluate WORKDIR's latest checkpoint
   profile         trainable parameters and FLOPs of the config's model
+
+Exit status: 0 done; 2 a mistake in the command, config, data or paths (one line `main.py: error: ...`);
+1 the run failed (NaN/Inf guard, out of memory: one line) or a bug (traceback); 130 interrupted
+(Ctrl-C; run the same command to resume). The rules: scaledet_jax/cli.py.
 """
 
 import os

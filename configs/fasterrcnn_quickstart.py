@@ -29,7 +29,7 @@ def get_config():
     m.decoder = ml_collections.ConfigDict(dict(name="none"))
     m.anchor.update(
         num_scales=2,
-        aspect_ratios=[2.0, 1.0, 0.5],
+        aspect_ratios=(2.0, 1.0, 0.5),
         anchor_size=3.0,
         center_offset=0.5,
         round_base=False,

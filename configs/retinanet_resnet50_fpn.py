@@ -27,7 +27,7 @@ def get_config():
     d = config.data
     d.aug_scale_min, d.aug_scale_max = 0.8, 1.2
     o = config.optim
-    o.decay_epochs = [57, 67]
+    o.decay_epochs = (57, 67)
     o.warmup_steps = 500
     config.num_epochs = 72
     return config

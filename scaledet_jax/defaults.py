@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
         )
     )
     model.head = ml_collections.ConfigDict(dict(num_convs=4, num_filters=256, conv_bias=True))
-    model.anchor = ml_collections.ConfigDict(dict(num_scales=3, aspect_ratios=[0.5, 1.0, 2.0], anchor_size=3.0))
+    model.anchor = ml_collections.ConfigDict(dict(num_scales=3, aspect_ratios=(0.5, 1.0, 2.0), anchor_size=3.0))
     model.detection = ml_collections.ConfigDict(
         dict(pre_nms_top_k=5000, score_threshold=0.05, nms_iou_threshold=0.5, max_detections=100)
     )
@@ -94,7 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
     optim.momentum = 0.9
     optim.base_learning_rate = 0.32  # at batch 256; scaled linearly with train_batch_size
     optim.schedule = "stepwise"  # 'stepwise' or 'cosine'
-    optim.decay_epochs = [475, 490]
+    optim.decay_epochs = (475, 490)
     optim.decay_factor = 0.1
     optim.warmup_steps = 2000
     optim.warmup_learning_rate = 0.0067
@@ -164,7 +164,7 @@ def efficientdet_config(variant: str) -> ml_collections.ConfigDict:
         dict(name="bifpn", num_filters=width, num_repeats=repeats, weight_method=fusion, conv_bias=True)
     )
     m.head = ml_collections.ConfigDict(dict(num_convs=head_repeats, num_filters=width, conv_bias=True))
-    m.anchor = ml_collections.ConfigDict(dict(num_scales=3, aspect_ratios=[1.0, 2.0, 0.5], anchor_size=anchor_scale))
+    m.anchor = ml_collections.ConfigDict(dict(num_scales=3, aspect_ratios=(1.0, 2.0, 0.5), anchor_size=anchor_scale))
 
     config.data.train_batch_size = 64
     o = config.optim
@@ -209,7 +209,7 @@ def fasterrcnn_config() -> ml_collections.ConfigDict:
     m.anchor = ml_collections.ConfigDict(
         dict(
             num_scales=1,
-            aspect_ratios=[2.0, 1.0, 0.5],
+            aspect_ratios=(2.0, 1.0, 0.5),
             anchor_size=8.0,
             center_offset=0.0,
             round_base=True,
@@ -276,7 +276,7 @@ def fasterrcnn_config() -> ml_collections.ConfigDict:
     o.optimizer = "sgd"
     o.base_learning_rate = 0.02 * 256 / 16  # lr 0.02 at batch 16; scaled linearly with the batch
     o.schedule = "stepwise"
-    o.decay_epochs = [16, 22]
+    o.decay_epochs = (16, 22)
     o.warmup_steps = 1000
     o.warmup_learning_rate = 0.02 * 0.001
     o.frozen = ("^backbone/(stem_|stage2_)",)  # torchvision trains layers 2-4 only (trainable_backbone_layers=3)

@@ -9,10 +9,13 @@ over globally sharded arrays.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import math
 import os
 import re
+import sys
 import time
 from typing import Any
 
@@ -37,7 +40,9 @@ class TrainState(flax.struct.PyTreeNode):
     batch_stats: Any
     opt_state: Any
     ema_params: Any  # a copy of params when EMA is on, else None
-    first_nonfinite_step: jax.Array  # -1, or the first step whose loss was NaN/Inf
+    # -1, or the first step (numbered as in the log and the checkpoints: step N is the N-th update) whose
+    # loss was NaN/Inf or whose update left NaN/Inf in the parameters, statistics or optimizer state.
+    first_nonfinite_step: jax.Array
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,6 +53,72 @@ class TrainState(flax.struct.PyTreeNode):
 def make_mesh() -> jax.sharding.Mesh:
     """All devices on one 'data' axis (Auto axis type: sharded BN steps need it in this JAX)."""
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Refuses numbers that cannot work, before anything is built or written: one ``UserError`` line
+    naming the key, the value and what is allowed. Checked here (and only here): the batch sizes
+    (>= 1 and a multiple of the device count), ``total_steps`` (>= 1, or 0 = train ``num_epochs``
+    epochs), ``num_epochs`` (> 0 when it counts), ``stop_after_steps`` (>= 0, 0 = off),
+    ``log_every_steps`` and ``checkpoint_every_steps`` (>= 1), ``eval_every_steps`` (>= 0, 0 = evaluate
+    only at the end), ``keep_checkpoints`` (>= 1), the learning rates (finite, >= 0), the warmup, decay,
+    clipping and EMA settings, ``data.max_instances`` and ``data.shuffle_buffer`` (>= 1)."""
+    d, o = config.data, config.optim
+
+    def need(ok: bool, key: str, value: Any, what: str) -> None:
+        if not ok:
+            raise UserError(f"{key} must be {what}, got {value!r}")
+
+    def integer(key: str, value: Any, minimum: int, what: str = "") -> None:
+        need(_is_int(value) and value >= minimum, key, value, f"an integer >= {minimum}{what}")
+
+    def number(key: str, value: Any, minimum: float, what: str = "") -> None:
+        need(
+            _is_number(value) and math.isfinite(value) and value >= minimum,
+            key,
+            value,
+            f"a finite number >= {minimum}{what}",
+        )
+
+    integer("data.train_batch_size", d.train_batch_size, 1)
+    integer("data.eval_batch_size", d.eval_batch_size, 1)
+    devices = jax.device_count()
+    for key, size in (("data.train_batch_size", d.train_batch_size), ("data.eval_batch_size", d.eval_batch_size)):
+        if size % devices:
+            raise UserError(
+                f"{key} {size} must be a multiple of the {devices} devices (e.g. {max(size // devices, 1) * devices})"
+            )
+    integer("total_steps", config.total_steps, 0, " (0 = train num_epochs epochs)")
+    if not config.total_steps:
+        need(_is_number(config.num_epochs) and config.num_epochs > 0, "num_epochs", config.num_epochs,
+             "> 0 (or set total_steps >= 1)")  # fmt: skip
+    integer("stop_after_steps", config.stop_after_steps, 0, " (0 = off)")
+    integer("log_every_steps", config.log_every_steps, 1)
+    integer("checkpoint_every_steps", config.checkpoint_every_steps, 1)
+    integer("eval_every_steps", config.eval_every_steps, 0, " (0 = evaluate only at the end)")
+    integer("keep_checkpoints", config.keep_checkpoints, 1, " (how many of the newest checkpoints are kept)")
+    number("optim.base_learning_rate", o.base_learning_rate, 0)
+    number("optim.warmup_learning_rate", o.warmup_learning_rate, 0)
+    integer("optim.warmup_steps", o.warmup_steps, 0)
+    number("optim.decay_factor", o.decay_factor, 0)
+    need(
+        isinstance(o.decay_epochs, (tuple, list)) and all(_is_number(e) and e >= 0 for e in o.decay_epochs),
+        "optim.decay_epochs",
+        o.decay_epochs,
+        "a tuple of epochs >= 0, e.g. --config.optim.decay_epochs='(16,22)'",
+    )
+    number("optim.gradient_clip_norm", o.gradient_clip_norm, 0, " (0 = off)")
+    need(_is_number(o.ema_decay) and 0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "in [0, 1) (0 = off)")
+    integer("data.max_instances", d.max_instances, 1)
+    integer("data.shuffle_buffer", d.shuffle_buffer, 1)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
@@ -140,6 +211,13 @@ def compute_losses(config, task: Task, params, batch_stats, batch, rng, train: b
     return parts["total_loss"], (parts, new_stats)
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point value in ``tree`` is finite (one reduction per array; in a jitted
+    step XLA fuses them, a small cost next to the forward and backward pass)."""
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+
+
 def train_step(config, task: Task, tx, schedule, base_rng, state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step)
     grad_fn = jax.value_and_grad(lambda p: compute_losses(config, task, p, state.batch_stats, batch, rng), has_aux=True)
@@ -150,8 +228,11 @@ def train_step(config, task: Task, tx, schedule, base_rng, state: TrainState, ba
     if ema is not None:
         decay = jnp.minimum(config.optim.ema_decay, (1.0 + state.step) / (10.0 + state.step))
         ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
-    finite = jnp.isfinite(parts["total_loss"])
-    bad = jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step, state.first_nonfinite_step)
+    # The NaN guard: this step (numbered state.step + 1, as its checkpoint) is bad when its loss is not
+    # finite, or when the update it made left NaN/Inf in the state (e.g. an infinite learning rate with
+    # a finite loss); the state is then never checkpointed (_raise_if_nonfinite).
+    finite = jnp.isfinite(parts["total_loss"]) & all_finite((params, new_stats, opt_state, ema))
+    bad = jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step + 1, state.first_nonfinite_step)
     metrics = dict(parts, learning_rate=schedule(state.step), grad_norm=optax.global_norm(grads))
     new_state = state.replace(
         step=state.step + 1,
@@ -172,32 +253,53 @@ def train_step(config, task: Task, tx, schedule, base_rng, state: TrainState, ba
 class Run:
     """What train and eval share: mesh, model, data, optimizer, checkpoints."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, needs_eval: bool = False):
+        """``needs_eval``: the run will evaluate, so the eval split must exist (checked now, before training)."""
         from scaledet_jax.data import pipeline
 
+        check_config(config)
         self.config, self.workdir = config, os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.mesh = make_mesh()
         self.replicated = NamedSharding(self.mesh, P())
         self.data_sharding = NamedSharding(self.mesh, P("data"))
-        for name, size in (("train", config.data.train_batch_size), ("eval", config.data.eval_batch_size)):
-            if size % jax.device_count():
-                raise UserError(f"data.{name}_batch_size {size} must be a multiple of the {jax.device_count()} devices")
         self.task = build_task(config)
         self.model = self.task.model
         self._predict = None  # the jitted predict function, compiled once per run
         self.builder = pipeline.get_builder(config, self.workdir)
-        try:
-            num_train = self.builder.info.splits[config.data.train_split].num_examples
-        except KeyError:
+        num_train = self.split_size("data.train_split")
+        if num_train is None:  # a dataset without split sizes (tfds mock data): total_steps says how long
             if not config.total_steps:
-                raise UserError(f"split {config.data.train_split!r} not found; set data.train_split") from None
+                raise UserError(f"the size of split {config.data.train_split!r} is unknown; set total_steps")
             num_train = config.total_steps * config.data.train_batch_size
+        if needs_eval:
+            self.split_size("data.eval_split")
         self.steps_per_epoch = max(num_train // config.data.train_batch_size, 1)
         self.total_steps = config.total_steps or int(math.ceil(config.num_epochs * self.steps_per_epoch))
         self.schedule = learning_rate_schedule(config, self.steps_per_epoch, self.total_steps)
         self.tx = make_optimizer(config, self.schedule)
         self.checkpoints = _checkpoint_manager(os.path.join(self.workdir, "checkpoints"), config)
+
+    def split_size(self, key: str) -> int | None:
+        """Examples in the split named by config ``key`` ('data.train_split'); a one-line UserError when
+        the dataset has no such split; None when the dataset does not list its splits."""
+        split = self.config.data[key.split(".")[-1]]
+        splits = self.builder.info.splits
+        try:
+            return splits[split].num_examples
+        except (KeyError, ValueError):  # tfds: ValueError 'Unknown split' or a malformed split string
+            names = sorted(splits.keys())
+            if not names:
+                return None
+            d = self.config.data
+            where = f"tfds {d.tfds_name}" if d.source == "tfds" else (d.coco_folder or f"{self.workdir}/synthetic_data")
+            other = d.train_split if key == "data.eval_split" else d.eval_split
+            suggestion = ([n for n in names if n != other] or names)[0]
+            hint = ", or train without evaluation (--mode=train)" if key == "data.eval_split" else ""
+            raise UserError(
+                f"{key}={split!r} is not a split of {where} (it has {', '.join(names)}): set "
+                f"--config.{key}={suggestion}{hint}"
+            ) from None
 
     def abstract_state(self) -> TrainState:
         shapes = jax.eval_shape(lambda: init_state(self.config, self.task, self.tx, jax.random.key(0)))
@@ -206,17 +308,121 @@ class Run:
         )
 
     def restore_or_init(self) -> TrainState:
-        latest = self.checkpoints.latest_step()
-        if latest is not None:
-            import orbax.checkpoint as ocp
-
-            logging.info("Resuming from checkpoint at step %d in %s", latest, self.checkpoints.directory)
-            return self.checkpoints.restore(latest, args=ocp.args.StandardRestore(self.abstract_state()))
+        """The newest intact checkpoint (``restore_newest_intact``), else a fresh state (or ``init_from``)."""
+        state = self.restore_newest_intact()
+        if state is not None:
+            return state
         init = jax.jit(lambda rng: init_state(self.config, self.task, self.tx, rng), out_shardings=self.replicated)
         state = init(jax.random.key(self.config.seed))
         if self.config.init_from:
             state = self._load_converted(state)
         return state
+
+    def restore_newest_intact(self) -> TrainState | None:
+        """The newest checkpoint that restores, or None when there is none.
+
+        A checkpoint that does not restore although its tensor list fits the config (truncated,
+        garbage or deleted data files, missing metadata, an empty step folder) is damaged: one warning
+        line says so, and once an older one restores, the damaged newer ones are moved aside to
+        ``N.damaged`` (never deleted) so that training can write step N again. When none is intact,
+        nothing is moved and a UserError says how to go on. A checkpoint written by a different
+        model/optimizer config, an unreadable one and out-of-memory are not damage: they are raised.
+        """
+        import orbax.checkpoint as ocp
+
+        directory = str(self.checkpoints.directory)
+        steps = sorted(self.checkpoints.all_steps(), reverse=True)
+        if not steps:
+            return None
+        abstract = self.abstract_state()
+        probing = os.path.join(directory, "")
+        _RESTORE_NOISE.install()
+        _RESTORE_NOISE.folders.add(probing)
+        damaged: list[tuple[int, str]] = []
+        failed = False
+        try:
+            for step in steps:
+                try:
+                    with _quiet_orbax_logs():
+                        state = self.checkpoints.restore(step, args=ocp.args.StandardRestore(abstract))
+                except Exception as error:  # noqa: BLE001 - damage is told apart from the rest, which is re-raised
+                    failed = True
+                    self._raise_unless_damaged(step, abstract, error)
+                    reason = _short_reason(error)
+                    logging.warning("checkpoint %d in %s is damaged (%s)", step, directory, reason)
+                    damaged.append((step, reason))
+                    _RESTORE_NOISE.folders.add(os.path.join(directory, str(step), ""))
+                    # A failed restore can leave the manager confused (an empty step folder makes it
+                    # expect several items): the next step gets a fresh one.
+                    self.checkpoints.close()
+                    self.checkpoints = _checkpoint_manager(directory, self.config)
+                    continue
+                if damaged:
+                    moved = self._set_aside([s for s, _ in damaged])
+                    logging.warning(
+                        "Resuming from checkpoint %d in %s, the newest intact one; moved the damaged one(s) aside: %s",
+                        step,
+                        directory,
+                        ", ".join(moved),
+                    )
+                else:
+                    logging.info("Resuming from checkpoint at step %d in %s", step, directory)
+                return state
+            listed = ", ".join(str(s) for s, _ in damaged)
+            raise UserError(
+                f"checkpoint{'s' * (len(damaged) > 1)} {listed} in {directory} "
+                f"{'are all' if len(damaged) > 1 else 'is'} damaged ({damaged[0][1]}) and no intact one is left; "
+                f"nothing was changed. To start again from step 0 move the folder aside (mv {directory} "
+                f"{directory}.damaged) or use a new --workdir; or put back a copy of it from a backup"
+            )
+        finally:
+            if failed:
+                gc.collect()  # a failed restore's leftovers report now, while the probed folder is dropped
+            _RESTORE_NOISE.folders.discard(probing)
+
+    def _raise_unless_damaged(self, step: int, abstract: TrainState, error: Exception) -> None:
+        """Re-raises what a restore failure is when it is not damage (see ``restore_newest_intact``)."""
+        if isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in str(error):
+            raise error
+        directory = str(self.checkpoints.directory)
+        step_dir = os.path.join(directory, str(step))
+        for root, dirs, files in os.walk(step_dir):
+            for name in [*dirs, *files]:
+                path = os.path.join(root, name)
+                if not os.access(path, os.R_OK):
+                    raise UserError(
+                        f"cannot read checkpoint {step} in {directory}: permission denied on {path}"
+                    ) from None
+        found = _checkpoint_shapes(os.path.join(step_dir, "default"))
+        if found is None:  # its metadata does not read: damaged
+            return
+        difference = _tree_difference(_tree_shapes(abstract), found)
+        if difference:
+            raise UserError(
+                f"checkpoint {step} in {directory} does not fit this config ({difference}): it was written by a "
+                "different model or optimizer config; resume with that config, or train this one in a new --workdir"
+            ) from None
+
+    def _set_aside(self, steps: list[int]) -> list[str]:
+        """Renames each step folder to N.damaged (N.damaged.2, ... if taken); returns the new paths."""
+        directory = str(self.checkpoints.directory)
+        moved = []
+        for step in steps:
+            source = os.path.join(directory, str(step))
+            target, n = f"{source}.damaged", 1
+            while os.path.exists(target):
+                n += 1
+                target = f"{source}.damaged.{n}"
+            if jax.process_index() == 0:
+                os.rename(source, target)
+            moved.append(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("scaledet_jax: damaged checkpoints set aside")
+        self.checkpoints.close()
+        self.checkpoints = _checkpoint_manager(directory, self.config)
+        return moved
 
     def _load_converted(self, state: TrainState) -> TrainState:
         from scaledet_jax.convert import checkpoint
@@ -302,16 +508,165 @@ def _checkpoint_manager(directory: str, config: ml_collections.ConfigDict):
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.keep_checkpoints, save_interval_steps=config.checkpoint_every_steps, create=True
     )
-    return ocp.CheckpointManager(directory, options=options)
+    with _quiet_orbax_logs():  # a damaged step folder is reported once, by restore_newest_intact
+        return ocp.CheckpointManager(directory, options=options)
 
 
-def _raise_if_nonfinite(state: TrainState) -> None:
+def _raise_if_nonfinite(state: TrainState, history: dict[int, Any] | None = None, checkpoints=None) -> None:
+    """FloatingPointError naming the first bad step (``TrainState.first_nonfinite_step``) and, from
+    that step's metrics in ``history`` (step -> metrics), whether its loss or its update went wrong."""
     bad = int(state.first_nonfinite_step)
-    if bad >= 0:
-        raise FloatingPointError(
-            f"loss became NaN or Inf at step {bad}; stopping without writing a checkpoint "
-            "(try a lower learning rate or gradient clipping)"
-        )
+    if bad < 0:
+        return
+    what = f"loss or parameters became NaN or Inf at step {bad}"
+    metrics = (history or {}).get(bad)
+    if metrics is not None:
+        loss, norm, lr = (float(metrics[k]) for k in ("total_loss", "grad_norm", "learning_rate"))
+        if not math.isfinite(loss):
+            what = f"loss became NaN or Inf at step {bad}"
+        else:
+            what = (
+                f"parameters became NaN or Inf at step {bad}; its update (learning rate {lr:.3g}, gradient norm "
+                f"{norm:.3g}) broke them although the loss {loss:.4g} was finite"
+            )
+    newest = ""
+    if checkpoints is not None:
+        checkpoints.wait_until_finished()
+        latest = checkpoints.latest_step()
+        newest = f" (the newest is step {latest} in {checkpoints.directory})" if latest is not None else ""
+    raise FloatingPointError(
+        f"{what}; stopping without writing a checkpoint{newest}; try a lower learning rate "
+        "(optim.base_learning_rate) or gradient clipping (optim.gradient_clip_norm)"
+    )
+
+
+@contextlib.contextmanager
+def _quiet_orbax_logs():
+    """Drops orbax's own log lines (a failing restore writes many) while a checkpoint is probed."""
+    import logging as py_logging
+
+    class _DropOrbax(py_logging.Filter):
+        def filter(self, record: py_logging.LogRecord) -> bool:
+            return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+    drop, logger = _DropOrbax(), py_logging.getLogger("absl")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+class _RestoreNoise:
+    """What a failed orbax restore prints besides its error: the TensorStore reads still in flight
+    complete into the asyncio loop orbax has closed, or are dropped unfinished, and Python reports
+    each one (a traceback ending in 'RuntimeError: Event loop is closed', 'Exception ignored in:
+    <coroutine ...>' with the full TensorStore spec, asyncio's 'exception was never retrieved'):
+    megabytes for one damaged checkpoint. ``restore_newest_intact`` reports a failed restore itself
+    (one line), so once installed these are dropped: the closed-loop error, reports from orbax's read
+    coroutines (only a restore runs them), and reports naming a folder in ``folders`` (the checkpoints
+    while they are probed, then the damaged ones). Every other report still prints."""
+
+    READS = f"{os.sep}orbax{os.sep}checkpoint{os.sep}_src{os.sep}serialization{os.sep}"
+
+    def __init__(self) -> None:
+        self.folders: set[str] = set()
+
+    @staticmethod
+    def closed_loop(error: BaseException | None) -> bool:
+        return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+    def concerns_restore(self, text: str) -> bool:
+        return self.READS in text or any(folder in text for folder in self.folders)
+
+    def filter(self, record) -> bool:  # as a logging filter of the 'asyncio' logger
+        return not self.concerns_restore(record.getMessage())
+
+    def install(self) -> None:
+        """Wraps sys.excepthook and sys.unraisablehook (unless already wrapped) and filters asyncio's log."""
+        import logging as py_logging
+
+        if not getattr(sys.excepthook, "scaledet_jax_restore_noise", False):
+            previous_excepthook = sys.excepthook
+
+            def excepthook(kind, error, traceback) -> None:
+                if not self.closed_loop(error):
+                    previous_excepthook(kind, error, traceback)
+
+            excepthook.scaledet_jax_restore_noise = True
+            sys.excepthook = excepthook
+        if not getattr(sys.unraisablehook, "scaledet_jax_restore_noise", False):
+            previous_unraisablehook = sys.unraisablehook
+
+            def unraisablehook(unraisable) -> None:
+                code = getattr(unraisable.object, "cr_code", None)  # an orbax read coroutine closed unfinished
+                where = f"{code.co_filename if code else ''} {unraisable.exc_value}"
+                if not (self.closed_loop(unraisable.exc_value) or self.concerns_restore(where)):
+                    previous_unraisablehook(unraisable)
+
+            unraisablehook.scaledet_jax_restore_noise = True
+            sys.unraisablehook = unraisablehook
+        asyncio_logger = py_logging.getLogger("asyncio")
+        if self not in asyncio_logger.filters:
+            asyncio_logger.addFilter(self)
+
+
+_RESTORE_NOISE = _RestoreNoise()
+
+
+def _short_reason(error: BaseException) -> str:
+    """A failed restore's reason in one short line: the innermost TensorStore status in the chain of
+    errors ('OUT_OF_RANGE: Error reading ...'), else the first line of the error itself."""
+
+    def first_line(e: BaseException) -> str:
+        return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+    chain, seen = [], error
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    statuses = [first_line(e) for e in chain if re.match(r"^[A-Z][A-Z_]+: ", first_line(e))]
+    reason = (statuses[-1] if statuses else first_line(error)).split(" [tensorstore_spec")[0]
+    return reason if len(reason) <= 200 else reason[:197] + "..."
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    return {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _checkpoint_shapes(item_dir: str) -> dict[str, tuple[int, ...]] | None:
+    """Tensor path -> shape from an orbax checkpoint item's metadata; None when that does not read."""
+    import orbax.checkpoint as ocp
+
+    if not os.path.isdir(item_dir):
+        return None
+    try:
+        with _quiet_orbax_logs():
+            metadata = ocp.StandardCheckpointer().metadata(item_dir)
+        tree = getattr(metadata, "item_metadata", metadata)
+        tree = getattr(tree, "tree", tree)
+        shapes = _tree_shapes(tree)
+    except Exception:  # noqa: BLE001 - unreadable metadata is what damage looks like here
+        return None
+    return shapes or None
+
+
+def _tree_difference(expected: dict[str, tuple], found: dict[str, tuple]) -> str:
+    """The first difference between the config's state and a checkpoint's, in words ('' if none)."""
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    more = lambda names: f" and {len(names) - 1} more" if len(names) > 1 else ""  # noqa: E731
+    if missing:
+        return f"the config has {missing[0]}{more(missing)}, which the checkpoint lacks"
+    if extra:
+        return f"the checkpoint has {extra[0]}{more(extra)}, which the config lacks"
+    for name in sorted(expected):
+        if expected[name] != found[name]:
+            return f"{name} has shape {expected[name]} in the config, {found[name]} in the checkpoint"
+    return ""
 
 
 def _write_parameter_overview(workdir: str, params: Any, parameter_overview) -> None:
@@ -343,7 +698,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluate
     from scaledet_jax.data import pipeline
 
     _apply_init_from_options(config)
-    run = Run(config, workdir)
+    run = Run(config, workdir, needs_eval=evaluate)
     writer = metric_writers.create_default_writer(run.workdir, just_logging=jax.process_index() > 0)
     state = run.restore_or_init()
     start_step = int(state.step)
@@ -378,7 +733,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluate
         num_train_steps=run.total_steps, writer=writer, every_steps=config.log_every_steps
     )
     images_per_step = config.data.train_batch_size
-    last_time, last_step, pending = time.perf_counter(), start_step, []
+    # Metrics of the steps since the last log line, by step: averaged for the log, and what the NaN
+    # guard reads to say whether a bad step's loss or its update went wrong.
+    last_time, last_step, pending = time.perf_counter(), start_step, {}
     eval_metrics = None
     last_step_this_run = run.total_steps
     if config.stop_after_steps:  # a time-boxed job: stop early, the next launch resumes
@@ -387,11 +744,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluate
         for step in range(start_step + 1, last_step_this_run + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, metrics = step_fn(state, run.global_batch(next(batches)))
-            pending.append(metrics)
+            pending[step] = metrics
             if step % config.log_every_steps == 0 or step == run.total_steps:
-                _raise_if_nonfinite(state)
-                summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
-                pending = []
+                _raise_if_nonfinite(state, pending, run.checkpoints)
+                summary = {k: float(np.mean([m[k] for m in jax.device_get(list(pending.values()))])) for k in metrics}
+                pending = {}
                 now = time.perf_counter()
                 steps_per_s = (step - last_step) / (now - last_time)
                 last_time, last_step = now, step
@@ -414,9 +771,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluate
                 )
             report(step)  # clu's progress/ETA, after the sync above so its timing is real
             if step % config.checkpoint_every_steps == 0 or step in (run.total_steps, last_step_this_run):
+                _raise_if_nonfinite(state, pending, run.checkpoints)
                 run.save(state, force=step in (run.total_steps, last_step_this_run))
             if evaluate and config.eval_every_steps and step % config.eval_every_steps == 0 and step != run.total_steps:
+                _raise_if_nonfinite(state, pending, run.checkpoints)
                 writer.write_scalars(step, {f"eval/{k}": v for k, v in run.evaluate(state).items()})
+    except KeyboardInterrupt:
+        run.checkpoints.wait_until_finished()
+        latest = run.checkpoints.latest_step()
+        logging.warning(
+            "Interrupted; %s",
+            f"the newest checkpoint is step {latest} in {run.checkpoints.directory}: run the same command to resume"
+            if latest is not None
+            else "no checkpoint was written yet",
+        )
+        raise
     finally:
         run.checkpoints.wait_until_finished()  # never leave a half-written checkpoint behind
     if int(state.step) < run.total_steps:
@@ -434,7 +803,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluate
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Evaluates the latest checkpoint in ``workdir`` (or ``config.init_from`` when it has none)."""
     _apply_init_from_options(config)
-    run = Run(config, workdir)
+    if not config.init_from and not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise UserError(
+            f"no checkpoint in {os.path.join(os.path.abspath(workdir), 'checkpoints')}; train first, point --workdir "
+            "at a run, or evaluate a converted checkpoint with --config.init_from=DIR"
+        )
+    run = Run(config, workdir, needs_eval=True)
     if run.checkpoints.latest_step() is None and not config.init_from:
         raise UserError(
             f"no checkpoint in {run.checkpoints.directory}; train first, point --workdir at a run, "

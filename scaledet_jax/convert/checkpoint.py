@@ -284,6 +284,8 @@ def set_model_options(config, options: dict[str, Any]) -> list[str]:
     added, even to a locked config."""
     changes = []
     for dotted, value in options.items():
+        if isinstance(value, list):  # conversion.json stores tuples as lists; config fields are tuples
+            value = tuple(value)
         node = config.model
         *path, leaf = dotted.split(".")
         for part in path:
