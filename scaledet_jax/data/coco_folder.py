@@ -1,14 +1,18 @@
 """A tfds builder for a local COCO-format folder — the format every labelling tool exports.
 
     folder/
-      annotations/instances_<split>.json     COCO json: images, annotations (bbox, category_id, iscrowd)
+      annotations/instances_<split>.json     COCO json: images, annotations (bbox, category_id, iscrowd,
+                                             segmentation)
       <split>/ or images/<split>/            the image files named by ``file_name``
 
 Examples have the structure of tfds ``coco/2017`` (``image``, ``image/id``, ``objects`` with
 ``bbox`` normalised [ymin, xmin, ymax, xmax], ``label``, ``is_crowd``, ``area``), so both go
-through the same preprocessing. ``label`` holds the json's ``category_id`` unchanged. Images are
-decoded once when the dataset is prepared (JPEG or PNG; grayscale and RGBA become RGB; 16-bit
-grayscale is scaled to 8 bit by its bit depth).
+through the same preprocessing, plus ``objects/mask``: one binary instance mask per object
+([H, W, 1] uint8 0/1, PNG), decoded from the annotation's ``segmentation`` with pycocotools as
+``COCO.annToMask`` does (polygons, uncompressed RLE as COCO's crowd regions have, compressed RLE);
+an annotation without one gets its box filled. ``label`` holds the json's ``category_id``
+unchanged. Images are decoded once when the dataset is prepared (JPEG or PNG; grayscale and RGBA
+become RGB; 16-bit grayscale is scaled to 8 bit by its bit depth).
 
 ``prepare`` is the checked way in: it validates every json and decodes every image *before* tfds
 writes anything (a data error is one ``UserError`` line naming the json, the image or annotation id
@@ -24,6 +28,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import errno
+import gc
 import hashlib
 import json
 import math
@@ -38,8 +43,9 @@ from absl import logging
 
 from scaledet_jax.cli import UserError
 
-# Bump when the prepared examples change for the same files (2: 16-bit images scaled, fingerprinted copies).
-FORMAT_VERSION = 2
+# Bump when the prepared examples change for the same files (2: 16-bit images scaled, fingerprinted copies;
+# 3: objects/mask). It is part of the fingerprint, so copies prepared in an older format are not reused.
+FORMAT_VERSION = 3
 SUMMARY_FILE = "prepared.json"
 SKIP_HINT = "set --config.data.skip_bad_images=True to leave unreadable images out"
 _FINGERPRINT_DIR = re.compile(r"^[0-9a-f]{16}$")
@@ -136,18 +142,23 @@ def read_rgb(path: str) -> np.ndarray:
         return to_rgb8(image)
 
 
-def _image_problem(path: str) -> str | None:
-    """Why ``path`` cannot be read as an image (one line), or None."""
+def _inspect_image(path: str) -> tuple[str | None, tuple[int, int] | None]:
+    """(why ``path`` cannot be read as an image (one line), None) or (None, its (height, width))."""
     if not os.path.isfile(path):
-        return "file not found"
+        return "file not found", None
     try:
-        read_rgb(path)
+        pixels = read_rgb(path)
     except UnsupportedImage as e:
-        return str(e)
+        return str(e), None
     except Exception as e:  # noqa: BLE001 - any decoder failure makes the file unreadable
         text = " ".join(str(e).replace(repr(path), "").replace(path, "").split()) or type(e).__name__
-        return f"{type(e).__name__}: {text[:200]}"
-    return None
+        return f"{type(e).__name__}: {text[:200]}", None
+    return None, (int(pixels.shape[0]), int(pixels.shape[1]))
+
+
+def _image_problem(path: str) -> str | None:
+    """Why ``path`` cannot be read as an image (one line), or None."""
+    return _inspect_image(path)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,6 +185,129 @@ def _short(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# ---------------------------------------------------------------------------------------------
+# Segmentations
+# ---------------------------------------------------------------------------------------------
+
+SEGMENTATION_FORMS = "polygons [[x1, y1, x2, y2, ...], ...] or an RLE {'counts': ..., 'size': [height, width]}"
+
+
+def rle_string_counts(counts: str) -> list[int]:
+    """The run lengths of a compressed COCO RLE string, decoded as pycocotools' ``rleFrString`` does
+    (6-bit characters from '0': 5 value bits, 0x20 = another group follows, 0x10 in the last group = negative;
+    from the fourth run on, each value is a difference to the run two before). ValueError when the string is
+    not one. Only the run lengths: cheap enough to check a json with, no mask is drawn."""
+    runs: list[int] = []
+    p, n = 0, len(counts)
+    while p < n:
+        value = shift = 0
+        more = True
+        while more:
+            if p >= n:
+                raise ValueError("the string ends inside a run length")
+            c = ord(counts[p]) - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"character {counts[p]!r} is outside '0'..'o'")
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            p += 1
+            shift += 5
+            if not more and c & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
+def _check_rle(rle: dict, where: str) -> dict:
+    """The RLE with integer size, checked to cover exactly its size (pycocotools writes past the mask when the
+    runs add up to more); UserError naming what is wrong."""
+    size, counts = rle.get("size"), rle.get("counts")
+    dims = [_as_int(v) for v in size] if isinstance(size, list) and len(size) == 2 else None
+    if dims is None or None in dims or min(dims) < 1:
+        raise UserError(f"{where} has an RLE segmentation with size {_short(size)}; expected [height, width]")
+    height, width = dims
+    if isinstance(counts, list):
+        if {type(c) for c in counts} - {int}:
+            raise UserError(f"{where} has an RLE segmentation whose counts {_short(counts)} are not all integers")
+        runs = counts
+    elif isinstance(counts, str):
+        try:
+            runs = rle_string_counts(counts)
+        except ValueError as e:
+            raise UserError(f"{where} has a compressed RLE segmentation that is not one: {e}") from None
+    else:
+        raise UserError(
+            f"{where} has an RLE segmentation with counts {_short(counts)}; expected a list of run lengths or a "
+            "compressed RLE string"
+        )
+    if runs and min(runs) < 0:
+        raise UserError(f"{where} has an RLE segmentation with a negative run length")
+    if sum(runs) != height * width:
+        raise UserError(
+            f"{where} has an RLE segmentation whose runs cover {sum(runs)} pixels, not the {height} x {width} = "
+            f"{height * width} of its size"
+        )
+    return {"size": [height, width], "counts": counts}
+
+
+def check_segmentation(segmentation, where: str) -> tuple[list | dict | None, int]:
+    """(segmentation ready to decode, or None when there is none to use, number of polygons left out).
+
+    Polygons come back as float64 arrays (a quarter of the memory of the json's lists, which a split's index
+    holds until its examples are written). None: missing, empty, or only polygons of fewer than 3 points (no
+    area; left out as Detectron does, where pycocotools would read a first polygon of 4 numbers as a box).
+    Structure only, fast: no mask is drawn. UserError (one line, starting with ``where``) when it is malformed.
+    """
+    if segmentation is None or (isinstance(segmentation, list) and not segmentation):
+        return None, 0
+    if isinstance(segmentation, dict):
+        return _check_rle(segmentation, where), 0
+    if not isinstance(segmentation, list):
+        raise UserError(f"{where} has segmentation {_short(segmentation)}; expected {SEGMENTATION_FORMS}")
+    kept = []
+    for i, polygon in enumerate(segmentation):
+        if not isinstance(polygon, list):
+            raise UserError(f"{where} has segmentation[{i}] {_short(polygon)}; expected {SEGMENTATION_FORMS}")
+        try:
+            total = sum(polygon)  # C speed; fails on anything but numbers, non-finite if any value is
+        except TypeError:
+            total = None
+        if total is None or not math.isfinite(total):
+            raise UserError(
+                f"{where} has segmentation polygon {i} {_short(polygon)}; expected finite numbers x1, y1, x2, y2, ..."
+            )
+        if len(polygon) % 2:
+            raise UserError(
+                f"{where} has segmentation polygon {i} with {len(polygon)} numbers, an odd count; expected x, y pairs"
+            )
+        if len(polygon) >= 6:
+            kept.append(np.asarray(polygon, np.float64))
+    dropped = len(segmentation) - len(kept)
+    return (kept or None), dropped
+
+
+def decode_mask(segmentation: list | dict | None, bbox: tuple[float, ...], height: int, width: int) -> np.ndarray:
+    """[height, width] uint8 0/1 mask of a ``check_segmentation`` result, drawn by pycocotools as
+    ``COCO.annToMask`` does (polygons merged, uncompressed RLE converted, compressed RLE decoded); the box
+    ``bbox`` [x, y, w, h] filled when there is no segmentation."""
+    from pycocotools import mask as mask_utils
+
+    if segmentation is None:
+        rle = mask_utils.frPyObjects(np.array([bbox], np.float64), height, width)[0]
+    elif isinstance(segmentation, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation["counts"], list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rle = segmentation
+    mask = mask_utils.decode(rle)
+    if mask.shape != (height, width):
+        raise UserError(f"a segmentation of size {mask.shape[0]} x {mask.shape[1]} on an image of {height} x {width}")
+    return mask
+
+
 @dataclasses.dataclass
 class SplitIndex:
     """One validated ``instances_<split>.json``: what the builder writes for the split."""
@@ -182,26 +316,34 @@ class SplitIndex:
     json_path: str
     image_dir: str
     images: list[tuple[int, str]]  # (image id, file_name) in json order
-    # image id -> [(annotation id, x, y, w, h, category id, is_crowd, area)]
+    # image id -> [(annotation id, x, y, w, h, category id, is_crowd, area, segmentation)], segmentation as
+    # ``check_segmentation`` returns it (None: the box is filled)
     objects: dict[int, list[tuple]]
     categories: dict[int, str]
     has_annotations: bool
     skipped: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)  # (image id, path, why)
+    degenerate_polygons: int = 0  # polygons of fewer than 3 points left out
 
     def summary(self) -> dict:
-        """What the checks before training need, stored next to the prepared copy."""
+        """What the checks before training need, stored next to the prepared copy. ``objects``: non-crowd
+        boxes of positive size; ``segmentations``: how many of those have a mask of their own (the others
+        get their box filled)."""
         used: dict[int, int] = {}
-        count = boxes = 0
+        count = boxes = masks = 0
         for anns in self.objects.values():
-            for _, _, _, w, h, category, crowd, _ in anns:
+            for _, _, _, w, h, category, crowd, _, segmentation in anns:
                 used[category] = used.get(category, 0) + 1
                 count += 1
-                boxes += int(not crowd and w > 0 and h > 0)
+                is_object = not crowd and w > 0 and h > 0
+                boxes += int(is_object)
+                masks += int(is_object and segmentation is not None)
         return {
             "json": self.json_path,
             "images": len(self.images),
             "annotations": count,
             "objects": boxes,
+            "segmentations": masks,
+            "degenerate_polygons": self.degenerate_polygons,
             "has_annotations": self.has_annotations,
             "category_ids": {str(k): v for k, v in sorted(used.items())},
             "categories": sorted(self.categories),
@@ -210,7 +352,20 @@ class SplitIndex:
 
 
 def load_split(folder: str, split: str) -> SplitIndex:
-    """Reads and validates ``annotations/instances_<split>.json`` (not the images); UserError on the first problem."""
+    """Reads and validates ``annotations/instances_<split>.json`` (not the images); UserError on the first problem.
+
+    The cyclic garbage collector is off meanwhile: a COCO-sized json makes tens of millions of objects that all
+    stay alive, and its passes over them would cost more than the parsing (nothing here makes cycles)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _load_split(folder, split)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _load_split(folder: str, split: str) -> SplitIndex:
     path = json_path(folder, split)
     try:
         with open(path, "rb") as f:
@@ -275,6 +430,7 @@ def load_split(folder: str, split: str) -> SplitIndex:
         raise UserError(f"{path}: 'annotations' is a {type(annotations).__name__}, not a list")
     objects: dict[int, list[tuple]] = {}
     unknown: dict[int, list[int]] = {}
+    degenerate = 0
     for i, ann in enumerate(annotations):
         if not isinstance(ann, dict):
             raise UserError(f"{path}: annotations[{i}] is {_short(ann)}, not an object")
@@ -304,7 +460,9 @@ def load_split(folder: str, split: str) -> SplitIndex:
         if category_id not in categories:
             unknown.setdefault(category_id, []).append(ann_id)
         area = float(area) if area is not None else w * h
-        objects.setdefault(image_id, []).append((ann_id, x, y, w, h, category_id, bool(crowd), area))
+        segmentation, dropped = check_segmentation(ann.get("segmentation"), where)
+        degenerate += dropped
+        objects.setdefault(image_id, []).append((ann_id, x, y, w, h, category_id, bool(crowd), area, segmentation))
     if unknown:
         ids = sorted(unknown)
         examples = [a for c in ids for a in unknown[c]][:5]
@@ -314,7 +472,7 @@ def load_split(folder: str, split: str) -> SplitIndex:
             f"({', '.join(map(str, sorted(categories))) or 'none'}); add them to 'categories' or correct the "
             "annotations"
         )
-    return SplitIndex(split, path, image_dir, order, objects, categories, has_annotations)
+    return SplitIndex(split, path, image_dir, order, objects, categories, has_annotations, [], degenerate)
 
 
 def load_folder(folder: str) -> dict[str, SplitIndex]:
@@ -327,11 +485,22 @@ def load_folder(folder: str) -> dict[str, SplitIndex]:
 
 def check_images(index: SplitIndex, *, skip_bad_images: bool = False, workers: int | None = None) -> SplitIndex:
     """Decodes every image of the split (threads); unreadable ones are refused, or left out when
-    ``skip_bad_images`` (with their annotations, listed in ``skipped``)."""
+    ``skip_bad_images`` (with their annotations, listed in ``skipped``). An RLE segmentation whose size is
+    not its image's is refused."""
     paths = [os.path.join(index.image_dir, file_name) for _, file_name in index.images]
     workers = workers or min(16, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        problems = list(pool.map(_image_problem, paths))
+        results = list(pool.map(_inspect_image, paths))
+    for (image_id, file_name), (_, size) in zip(index.images, results, strict=True):
+        for ann in index.objects.get(image_id, ()) if size else ():
+            segmentation = ann[8]
+            if isinstance(segmentation, dict) and tuple(segmentation["size"]) != size:
+                raise UserError(
+                    f"{index.json_path}: annotation id {ann[0]} (image id {image_id}, file {file_name}) has an RLE "
+                    f"segmentation of size {segmentation['size'][0]} x {segmentation['size'][1]}, but the image is "
+                    f"{size[0]} x {size[1]}"
+                )
+    problems = [why for why, _ in results]
     bad = [(image_id, path, why) for (image_id, _), path, why in zip(index.images, paths, problems, strict=True) if why]
     if not bad:
         return index
@@ -365,8 +534,9 @@ def _bad_image_message(json_file: str, bad: list, total: int) -> str:
 
 
 def fingerprint(folder: str) -> str:
-    """16 hex digits over every split's json bytes and its image folder's file names and sizes."""
-    digest = hashlib.sha256(f"scaledet_jax coco_folder format {FORMAT_VERSION}\n".encode())
+    """16 hex digits over the format of the prepared examples (``FORMAT_VERSION``, the builder's version), every
+    split's json bytes and its image folder's file names and sizes."""
+    digest = hashlib.sha256(f"scaledet_jax coco_folder format {FORMAT_VERSION} {CocoFolder.VERSION}\n".encode())
     for split in split_names(folder):
         path = json_path(folder, split)
         digest.update(f"\0split {split}\0".encode())
@@ -516,7 +686,16 @@ def prepare(
         check({split: index.summary() for split, index in indexes.items()})
     stale = _stale_copies(folder, roots, data_dir)
     total = sum(len(index.images) for index in indexes.values())
-    if stale:
+    old_format = [path for path in stale if (_read_summary(path) or {}).get("format") != FORMAT_VERSION]
+    if stale and len(old_format) == len(stale):
+        logging.warning(
+            "The copy of %s in %s was prepared by an older version of scaledet_jax (other example features): "
+            "preparing it again in %s (the old copy can be deleted)",
+            folder,
+            ", ".join(stale),
+            data_dir,
+        )
+    elif stale:
         logging.warning(
             "The annotations or images in %s changed since they were prepared in %s: preparing them again in %s "
             "(the old copy can be deleted)",
@@ -526,6 +705,13 @@ def prepare(
         )
     else:
         logging.info("Preparing %s (%d images) in %s", folder, total, data_dir)
+    for index in indexes.values():
+        if index.degenerate_polygons:
+            logging.warning(
+                "%s: left out %d segmentation polygons of fewer than 3 points (no area)",
+                index.json_path,
+                index.degenerate_polygons,
+            )
     indexes = {split: check_images(index, skip_bad_images=skip_bad_images) for split, index in indexes.items()}
     summaries = {split: index.summary() for split, index in indexes.items()}
     if check is not None and any(index.skipped for index in indexes.values()):
@@ -562,7 +748,11 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
     ``folder/tfds/<fingerprint>``.
     """
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Boxes, labels, crowd flags, areas and annotation ids.",
+        "2.0.0": "objects/mask: one binary instance mask per object (the box filled without a segmentation).",
+    }
 
     def __init__(
         self,
@@ -597,6 +787,7 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
                             "is_crowd": np.bool_,
                             "area": np.float32,
                             "id": np.int64,
+                            "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
                         }
                     ),
                 }
@@ -617,10 +808,17 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
         for image_id, file_name in index.images:
             pixels = read_rgb(os.path.join(index.image_dir, file_name))
             height, width = pixels.shape[:2]
-            objects = {"bbox": [], "label": [], "is_crowd": [], "area": [], "id": []}
-            for ann_id, x, y, w, h, category_id, crowd, area in index.objects.get(image_id, []):
+            objects = {"bbox": [], "label": [], "is_crowd": [], "area": [], "id": [], "mask": []}
+            for ann_id, x, y, w, h, category_id, crowd, area, segmentation in index.objects.get(image_id, []):
                 if w <= 0 or h <= 0:
                     continue
+                try:
+                    mask = decode_mask(segmentation, (x, y, w, h), height, width)
+                except UserError as e:  # checked before writing (check_images); an image replaced meanwhile
+                    raise UserError(
+                        f"{index.json_path}: annotation id {ann_id} (image id {image_id}, file {file_name}): {e}"
+                    ) from None
+                objects["mask"].append(mask[:, :, None])
                 objects["bbox"].append(
                     tfds.features.BBox(
                         ymin=float(np.clip(y / height, 0, 1)),

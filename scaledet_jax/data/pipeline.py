@@ -28,6 +28,16 @@ def _hide_accelerators_from_tf() -> None:
         pass
 
 
+def needs_masks(config: ml_collections.ConfigDict) -> bool:
+    """Whether the model trains on instance masks (batches then carry ``masks``)."""
+    return config.model.name == "mask_rcnn"
+
+
+def mask_crop_size(config: ml_collections.ConfigDict) -> int:
+    """K of the ``masks`` [M, K, K] in a batch (``data.mask_crop_size``, Model Garden's 112 by default)."""
+    return int(config.data.get("mask_crop_size", 112))
+
+
 def get_builder(config: ml_collections.ConfigDict, workdir: str):
     """The tfds builder for ``config.data``, prepared and checked against ``config.model``; a one-line
     UserError when the data is missing, malformed or does not fit the model (``check_dataset``)."""
@@ -54,6 +64,12 @@ def get_builder(config: ml_collections.ConfigDict, workdir: str):
             )
         return _prepare_folder(config, data.coco_folder, workdir)
     if data.source == "tfds":
+        if needs_masks(config):
+            raise UserError(
+                f"tfds {data.tfds_name} has no instance masks; train {config.model.name} on the COCO download as a "
+                "COCO folder (--config.data.source=coco_folder --config.data.coco_folder=DIR holding train2017/ + "
+                "annotations/instances_train2017.json)"
+            )
         data_dir = data.tfds_data_dir or None
         builder = tfds.builder(data.tfds_name, data_dir=data_dir)
         if not builder.is_prepared():
@@ -86,7 +102,8 @@ def _prepare_folder(config: ml_collections.ConfigDict, folder: str, workdir: str
 
 def check_dataset(config: ml_collections.ConfigDict, summaries: dict[str, dict]) -> None:
     """Refuses data that would train on nothing or on the wrong classes (one UserError line):
-    a training json without ``annotations`` or without any object, and category ids of the train
+    a training json without ``annotations`` or without any object, a mask model's training json
+    without any segmentation (every mask would be a filled box), and category ids of the train
     or eval split that the model has no output for (``check_categories``). ``summaries``: split ->
     ``coco_folder.SplitIndex.summary()``."""
     data = config.data
@@ -102,6 +119,12 @@ def check_dataset(config: ml_collections.ConfigDict, summaries: dict[str, dict])
                 f"{train['json']} has no object to train on ({train['images']} images, {train['annotations']} "
                 "annotations, none a non-crowd box of positive size): add annotations, or set "
                 "--config.data.train_split to an annotated split"
+            )
+        if needs_masks(config) and train.get("segmentations", 1) == 0:
+            raise UserError(
+                f"{train['json']} has no instance masks (none of its {train['objects']} objects has a 'segmentation'), "
+                f"so {config.model.name} would learn filled boxes as masks: add polygon or RLE segmentations, or "
+                "train a box-only model (e.g. --config=configs/fasterrcnn_resnet50_fpn.py)"
             )
     used: dict[int, int] = {}
     files = []
@@ -219,6 +242,8 @@ def train_batches(
             scale_max=data.aug_scale_max,
             label_map=label_map(data),
             normalization=normalization(config),
+            include_masks=needs_masks(config),
+            mask_crop_size=mask_crop_size(config),
         )
 
     ds = ds.enumerate().map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -246,6 +271,8 @@ def eval_batches(
             max_instances=data.max_instances,
             label_map=label_map(data),
             normalization=normalization(config),
+            include_masks=needs_masks(config),
+            mask_crop_size=mask_crop_size(config),
         ),
         num_parallel_calls=tf.data.AUTOTUNE,
     )

@@ -3,12 +3,19 @@
 Input: an example with the structure of tfds ``coco/2017``. Output: a dict of fixed-shape tensors:
 ``image`` [S, S, 3] float32 normalised, ``boxes`` [M, 4] pixels of the network input
 ([ymin, xmin, ymax, xmax]), ``classes`` [M] int32, ``valid`` [M] bool, ``crowd`` [M] bool,
-``image_id``, ``scale`` (network pixels per original pixel) and ``original_size`` [2].
+``image_id``, ``scale`` (network pixels per original pixel) and ``original_size`` [2]; with
+``include_masks`` also ``masks`` [M, K, K] float32: each instance's mask cropped at its final box.
 
 Training follows Model Garden's parser: random horizontal flip, scale jitter (resize so the image
 fits ``random_scale * S``, random crop to S), pad to S at the bottom/right; boxes are clipped,
 degenerate ones dropped. Evaluation resizes the longer side to S and pads. Randomness is
 stateless, seeded per example, so a run is reproducible and resumable.
+
+Instance masks follow Model Garden's Mask R-CNN parser: the full-size mask is flipped with the
+image, and never resized as a whole; instead each kept instance's final (network-frame, clipped)
+box is mapped back to the flipped original image (``(box + offset) / image_scale``, image_scale
+the resized size over the original size per axis) and the mask is cut out there and resized to
+K x K by ``tf.image.crop_and_resize`` (bilinear), so it costs M * K * K floats per example.
 """
 
 from __future__ import annotations
@@ -138,10 +145,14 @@ def preprocess(
     scale_max: float = 1.0,
     label_map: tuple[int, ...] | None = None,
     normalization: dict | None = None,
+    include_masks: bool = False,
+    mask_crop_size: int = 112,
 ) -> dict[str, tf.Tensor]:
     """One example -> fixed-shape model inputs. ``seed`` ([2] int) drives the augmentation.
 
     ``normalization``: ``normalize_image`` keyword arguments (mean, std, bgr); ImageNet RGB by default.
+    ``include_masks``: read ``objects/mask`` [N, H, W, 1] (0/1) and output ``masks`` [max_instances,
+    mask_crop_size, mask_crop_size] float32 in [0, 1], aligned with ``boxes`` (zeros for padding).
     """
     image = example["image"]
     if image.shape.rank == 3 and image.shape[-1] == 1:
@@ -153,6 +164,9 @@ def preprocess(
     if label_map is not None:
         classes = tf.gather(tf.constant(label_map, tf.int32), classes)
     crowd = tf.cast(objects["is_crowd"], tf.bool)
+    if include_masks:
+        # [N, H, W] uint8; the reshape also gives the [0] of an image without objects (tfds decodes it flat).
+        masks = tf.reshape(objects["mask"], tf.stack([-1, height, width]))
 
     size = tf.cast(tf.stack([height, width]), tf.float32)
     target = tf.constant([output_size, output_size], tf.float32)
@@ -164,6 +178,8 @@ def preprocess(
             w = tf.cast(width, tf.float32)
             flipped = tf.stack([boxes[:, 0], w - boxes[:, 3], boxes[:, 2], w - boxes[:, 1]], axis=1)
             boxes = tf.where(flip, flipped, boxes)
+            if include_masks:
+                masks = tf.cond(flip, lambda: tf.reverse(masks, axis=[2]), lambda: masks)
         random_scale = tf.random.stateless_uniform([], seeds[1], scale_min, scale_max)
         scaled_target = tf.round(random_scale * target)
     else:
@@ -186,6 +202,16 @@ def preprocess(
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     boxes, classes, crowd = boxes[keep], classes[keep], crowd[keep]
     valid = tf.ones_like(classes, tf.bool)
+    extra = {}
+    if include_masks:
+        extra["masks"] = tf.ensure_shape(
+            _pad_or_clip(
+                _crop_masks(masks[keep][:max_instances], boxes[:max_instances], offset, scaled_size / size, size,
+                            mask_crop_size),
+                max_instances,
+            ),
+            [max_instances, mask_crop_size, mask_crop_size],
+        )  # fmt: skip
     return {
         "image": tf.ensure_shape(image, [output_size, output_size, 3]),
         "boxes": tf.ensure_shape(_pad_or_clip(boxes, max_instances), [max_instances, 4]),
@@ -195,4 +221,24 @@ def preprocess(
         "image_id": tf.cast(example["image/id"], tf.int64),
         "scale": scale,
         "original_size": tf.cast(tf.stack([height, width]), tf.int32),
+        **extra,
     }
+
+
+def _crop_masks(
+    masks: tf.Tensor, boxes: tf.Tensor, offset: tf.Tensor, image_scale: tf.Tensor, size: tf.Tensor, crop_size: int
+) -> tf.Tensor:
+    """Model Garden's mask crop: full-size masks [N, H, W] of the (flipped) original image, their final boxes
+    [N, 4] in network pixels -> [N, K, K] float32, each mask bilinearly cut out at its box mapped back to the
+    original frame ((box + offset) / image_scale, normalised by the original [H, W] as crop_and_resize wants)."""
+    shift = tf.concat([offset, offset], 0)
+    original = (boxes + shift) / tf.concat([image_scale, image_scale], 0)
+    normalized = original / tf.concat([size, size], 0)
+    cropped = tf.image.crop_and_resize(
+        masks[..., None],  # uint8 in: no full-size float copy
+        normalized,
+        box_indices=tf.range(tf.shape(masks)[0], dtype=tf.int32),
+        crop_size=[crop_size, crop_size],
+        method="bilinear",
+    )
+    return cropped[..., 0]
