@@ -254,3 +254,53 @@ def test_non_consecutive_levels_are_refused():
     features = jnp.zeros((1, 8, 8, 2))
     with pytest.raises(ValueError, match="consecutive"):
         multilevel_roi_align({2: features, 4: features[:, :2, :2]}, jnp.zeros((1, 3, 4)), 7)
+
+
+@pytest.mark.parametrize("output_size", [7, 14])
+def test_model_garden_style_matches_multilevel_crop_and_resize(output_size):
+    """style='model_garden' against Model Garden's own ``multilevel_crop_and_resize`` (run in TF) on
+    P3-P7 of a 256 px image: level rule, single sample per bin, extrapolation above/left, clamping below/right.
+
+    Boxes partly or wholly outside the image make Model Garden extrapolate with weights up to ~20 per
+    axis: a value is then a cancelling sum of terms ~100x larger than itself, so float32 results differ
+    by rounding (~3e-5, summed in another order than its kernel * 4 + average pool). Both sides also run
+    in float64, where they must agree to 1e-8.
+    """
+    import tensorflow as tf
+    from official.vision.ops import spatial_transform_ops
+
+    rng = np.random.RandomState(11)
+    image = 256
+    levels = range(3, 8)
+    features = {k: rng.normal(size=(2, image >> k, image >> k, CHANNELS)) for k in levels}
+    # Sizes 4..900 px so that every level 3-7 is chosen, plus the non-degenerate special boxes (a
+    # degenerate box's Model Garden level is an int cast of -inf: undefined) scaled to the image.
+    size = np.exp(rng.uniform(np.log(4.0), np.log(900.0), (2, 40, 2)))
+    corner = rng.uniform(-60, 300, (2, 40, 2))
+    boxes = np.concatenate([corner, corner + size], -1)
+    boxes[:, :6] = np.asarray(SPECIAL_BOXES[:6]) * 2.0
+
+    def theirs(dtype):
+        return spatial_transform_ops.multilevel_crop_and_resize(
+            {str(k): tf.constant(f, dtype) for k, f in features.items()},
+            tf.constant(boxes, dtype),
+            output_size,
+            sample_offset=0.5,
+        ).numpy()
+
+    ours_fn = jax.jit(functools.partial(multilevel_roi_align, output_size=output_size, style="model_garden"))
+    f32 = {k: f.astype(np.float32) for k, f in features.items()}
+    ours32 = np.asarray(ours_fn(f32, boxes.astype(np.float32)))
+    theirs32 = theirs(tf.float32)
+    assert ours32.shape == theirs32.shape == (2, 40, output_size, output_size, CHANNELS)
+    with jax.enable_x64(True):
+        ours64 = np.asarray(ours_fn(features, boxes))
+    exact = theirs(tf.float64)
+    assert ours64.dtype == np.float64
+    np.testing.assert_allclose(ours64, exact, atol=1e-8, rtol=0)
+    # float32: ours is no further from the exact values than Model Garden's own float32 kernel is.
+    ours_error, theirs_error = np.max(np.abs(ours32 - exact)), np.max(np.abs(theirs32 - exact))
+    assert ours_error <= 1.5 * theirs_error and np.max(np.abs(ours32 - theirs32)) <= 3e-4
+    # The torchvision semantics differ on the same boxes (negative control).
+    tv = np.asarray(multilevel_roi_align(f32, boxes.astype(np.float32), output_size, sampling_ratio=1))
+    assert np.max(np.abs(tv - theirs32)) > 1e-2

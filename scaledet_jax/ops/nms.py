@@ -32,7 +32,11 @@ def nms(boxes: Array, scores: Array, iou_threshold: float, max_outputs: int) -> 
         remaining = jnp.where(ok & suppressed, -jnp.inf, remaining)
         return remaining, keep.at[i].set(jnp.where(ok, best, 0)), valid.at[i].set(ok)
 
-    init = (scores.astype(jnp.float32), jnp.zeros(max_outputs, jnp.int32), jnp.zeros(max_outputs, bool))
+    init = (
+        scores.astype(jnp.promote_types(scores.dtype, jnp.float32)),
+        jnp.zeros(max_outputs, jnp.int32),
+        jnp.zeros(max_outputs, bool),
+    )
     _, keep, valid = jax.lax.fori_loop(0, max_outputs, body, init)
     return keep, valid
 

@@ -19,6 +19,13 @@ come from JAX autodiff (a scatter-add with the same weights, i.e. torchvision's 
 scatter's updates are ``(2s)**2`` times the output, so RoIs are processed in chunks
 (``jax.lax.map``) to bound them. Boxes get the derivative of the bilinear weights (torchvision gives
 none: stop the gradient of proposals, as torchvision and Model Garden do).
+
+``style='model_garden'`` gives TF Model Garden's ``multilevel_crop_and_resize`` instead (Mask R-CNN
+SpineNet / ResNet-FPN there): level ``floor(log(sqrt(wh) / 224) / log 2) + 4`` (no epsilon), no
+minimum RoI size, one bilinear sample per bin at ``start + (p + 0.5) * size / P``, and its border
+rule: the lower neighbour index is clamped to ``[0, H_l - 1]`` and the weights are taken from the
+clamped index, so samples above/left of the map extrapolate linearly from its first two rows and
+samples past its end read the last row with weight ``1 + d`` (no zero region).
 """
 
 from __future__ import annotations
@@ -52,11 +59,27 @@ def assign_levels(
     ``[min_level, max_level]`` (torchvision's ``LevelMapper``, FPN paper eq. 1). Boxes with a
     negative area (inverted) count as area 0, i.e. ``min_level`` (torchvision would produce NaN).
     """
-    boxes = jnp.asarray(boxes, jnp.float32)
+    boxes = jnp.asarray(boxes)
+    boxes = boxes.astype(coordinate_dtype(boxes))
     area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
     scale = jnp.sqrt(jnp.maximum(area, 0.0))
-    level = jnp.floor(canonical_level + jnp.log2(scale / canonical_size) + jnp.float32(eps))
+    level = jnp.floor(canonical_level + jnp.log2(scale / canonical_size) + jnp.asarray(eps, boxes.dtype))
     return jnp.clip(level, min_level, max_level).astype(jnp.int32)
+
+
+def model_garden_levels(boxes: Array, min_level: int, max_level: int) -> Array:
+    """Model Garden's level rule: ``floor(log(sqrt(h * w) / 224) / log(2)) + 4`` clamped (area 0: ``min_level``)."""
+    boxes = boxes.astype(coordinate_dtype(boxes))
+    root = jnp.sqrt((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]))
+    level = jnp.floor(jnp.log(root / 224.0) / jnp.log(jnp.asarray(2.0, boxes.dtype))) + 4.0
+    level = jnp.where(root > 0, level, min_level)  # log(0) = -inf; divide_no_nan gives 0 -> -inf too
+    return jnp.clip(jnp.nan_to_num(level, nan=min_level), min_level, max_level).astype(jnp.int32)
+
+
+def coordinate_dtype(boxes: Array) -> jnp.dtype:
+    """Sample coordinates and bilinear weights are computed in float32 (torchvision's float32 kernel,
+    rounding for rounding), or in float64 for float64 boxes (x64 parity checks against a double model)."""
+    return jnp.dtype(jnp.float64) if boxes.dtype == jnp.float64 else jnp.dtype(jnp.float32)
 
 
 def _rounded(product: Array) -> Array:
@@ -70,7 +93,7 @@ def _rounded(product: Array) -> Array:
 
 
 def _axis_samples(start: Array, size: Array, length: Array, output_size: int, sampling_ratio: int):
-    """Neighbour indices and weights along one axis: both ``[N, P, s, 2]`` (int32, float32).
+    """Neighbour indices and weights along one axis: both ``[N, P, s, 2]`` (int32, coordinate dtype).
 
     ``start``/``size``: ``[N]`` RoI start and extent in feature pixels; ``length``: ``[N]`` feature
     size along the axis. Weights include the validity of the sample along this axis; the product of
@@ -79,42 +102,64 @@ def _axis_samples(start: Array, size: Array, length: Array, output_size: int, sa
     # torchvision divides by the bin count and the sampling ratio. XLA turns a division by a constant or a
     # broadcast scalar into a multiplication by its (inexact) reciprocal, moving samples by an ulp, so the
     # divisors are full-shaped arrays hidden behind an optimization barrier.
-    p = jnp.arange(output_size, dtype=jnp.float32)[:, None]
-    i = jnp.arange(sampling_ratio, dtype=jnp.float32)[None, :]
+    dtype = start.dtype
+    p = jnp.arange(output_size, dtype=dtype)[:, None]
+    i = jnp.arange(sampling_ratio, dtype=dtype)[None, :]
     shape = (start.shape[0], output_size, sampling_ratio)
     bin_count, ratio = jax.lax.optimization_barrier(
-        (jnp.full(start.shape, output_size, jnp.float32), jnp.full(shape, sampling_ratio, jnp.float32))
+        (jnp.full(start.shape, output_size, dtype), jnp.full(shape, sampling_ratio, dtype))
     )
     bin_size = (size / bin_count)[:, None, None]
     start, length = start[:, None, None], length[:, None, None]
     # Same operation order and roundings as torchvision's kernel: start + p * bin + (i + .5) * bin / s.
     coord = start + _rounded(p * bin_size) + (i + 0.5) * bin_size / ratio
-    lengthf = length.astype(jnp.float32)
+    lengthf = length.astype(dtype)
     valid = (coord >= -1.0) & (coord <= lengthf)
     # Clamp to [0, length - 1]: below 0 reads pixel 0; at or past the last pixel reads the last one with
     # weight 1 (torchvision's y_low = y_high = H - 1). Invalid (or NaN) samples point at pixel 0.
     coord = jnp.where(valid, jnp.clip(coord, 0.0, lengthf - 1.0), 0.0)
     low = jnp.floor(coord).astype(jnp.int32)
     high = jnp.minimum(low + 1, length - 1)
-    frac = coord - low.astype(jnp.float32)
+    frac = coord - low.astype(dtype)
     weights = jnp.stack([1.0 - frac, frac], axis=-1) * valid[..., None]
     return jnp.stack([low, high], axis=-1), weights
 
 
-def _pool_chunk(table, boxes, base, height, width, scale, output_size, sampling_ratio, aligned):
+def _model_garden_axis_samples(start: Array, size: Array, length: Array, output_size: int):
+    """Model Garden's ``_compute_grid_positions`` along one axis: ``[N, P, 1, 2]`` indices and weights."""
+    dtype = start.dtype
+    p = jnp.arange(output_size, dtype=dtype)
+    divisor = jax.lax.optimization_barrier(jnp.full((start.shape[0], output_size), output_size, dtype))
+    grid = start[:, None] + (p + 0.5) * size[:, None] / divisor
+    last = (length - 1).astype(dtype)[:, None]
+    low = jnp.minimum(jnp.maximum(jnp.floor(grid), 0.0), last)
+    high = jnp.minimum(low + 1.0, last)
+    frac = grid - low
+    indices = jnp.stack([low, high], axis=-1).astype(jnp.int32)[:, :, None, :]
+    return indices, jnp.stack([1.0 - frac, frac], axis=-1)[:, :, None, :]
+
+
+def _pool_chunk(table, boxes, base, height, width, scale, output_size, sampling_ratio, aligned, style="torchvision"):
     """RoIAlign of ``N`` RoIs gathered from ``table`` [M, C] -> ``[N, P, P, C]``.
 
     ``boxes`` [N, 4] pixels (ymin, xmin, ymax, xmax); ``base`` [N] int32 row of the RoI's (image,
     level) map in ``table``; ``height``/``width`` [N] int32 map size; ``scale`` [N] spatial scale.
     """
-    offset = 0.5 if aligned else 0.0
-    scaled = _rounded(boxes * scale[:, None])
-    starts = scaled[:, :2] - offset
-    sizes = scaled[:, 2:] - offset - starts
-    if not aligned:
-        sizes = jnp.maximum(sizes, 1.0)
-    y_idx, y_w = _axis_samples(starts[:, 0], sizes[:, 0], height, output_size, sampling_ratio)
-    x_idx, x_w = _axis_samples(starts[:, 1], sizes[:, 1], width, output_size, sampling_ratio)
+    if style == "model_garden":
+        sampling_ratio = 1
+        scaled = boxes * scale[:, None]  # a power of two: exact, as Model Garden's division by 2**level
+        starts, sizes = scaled[:, :2], scaled[:, 2:] - scaled[:, :2]
+        y_idx, y_w = _model_garden_axis_samples(starts[:, 0], sizes[:, 0], height, output_size)
+        x_idx, x_w = _model_garden_axis_samples(starts[:, 1], sizes[:, 1], width, output_size)
+    else:
+        offset = 0.5 if aligned else 0.0
+        scaled = _rounded(boxes * scale[:, None])
+        starts = scaled[:, :2] - offset
+        sizes = scaled[:, 2:] - offset - starts
+        if not aligned:
+            sizes = jnp.maximum(sizes, 1.0)
+        y_idx, y_w = _axis_samples(starts[:, 0], sizes[:, 0], height, output_size, sampling_ratio)
+        x_idx, x_w = _axis_samples(starts[:, 1], sizes[:, 1], width, output_size, sampling_ratio)
     y_w = y_w / (sampling_ratio * sampling_ratio)  # the average over the s * s samples of a bin
     n, k = boxes.shape[0], 2 * sampling_ratio
     rows = (base[:, None, None, None] + y_idx * width[:, None, None, None]).reshape(n, output_size, k)
@@ -156,6 +201,7 @@ def _pool(
     sampling_ratio: int,
     aligned: bool,
     chunk_size: int | None,
+    style: str = "torchvision",
 ) -> Array:
     """Runs :func:`_pool_chunk` over all RoIs ``[N, ...]`` in chunks of ``chunk_size``."""
     n, channels = boxes.shape[0], table.shape[-1]
@@ -164,10 +210,11 @@ def _pool(
         budget = CHUNK_BYTES_CPU if jax.default_backend() == "cpu" else CHUNK_BYTES_ACCELERATOR
         chunk_size = max(1, budget // per_roi)
     chunk_size = max(1, min(chunk_size, n))
-    args = (boxes.astype(jnp.float32), base, height, width, scale)
+    dtype = coordinate_dtype(boxes)
+    args = (boxes.astype(dtype), base, height, width, scale.astype(dtype))
 
     def run(chunk):
-        return _pool_chunk(table, *chunk, output_size, sampling_ratio, aligned)
+        return _pool_chunk(table, *chunk, output_size, sampling_ratio, aligned, style)
 
     if chunk_size >= n:
         return run(args)
@@ -227,6 +274,7 @@ def multilevel_roi_align(
     canonical_size: float = 224.0,
     canonical_level: int = 4,
     chunk_size: int | None = None,
+    style: str = "torchvision",
 ) -> Array:
     """Multilevel RoIAlign (torchvision's ``MultiScaleRoIAlign``) -> ``[B, R, P, P, C]``.
 
@@ -234,7 +282,11 @@ def multilevel_roi_align(
     (spatial scale ``2**-l``); ``boxes`` [B, R, 4] are input-image pixels. Each RoI is pooled from
     ``assign_levels(box, min(levels), max(levels), canonical_size, canonical_level)`` with
     :func:`roi_align` semantics, gathering from all levels at once. ``chunk_size`` as in :func:`roi_align`.
+    ``style='model_garden'``: Model Garden's level rule and sampling (module docstring; ``sampling_ratio``
+    and ``aligned`` unused).
     """
+    if style not in ("torchvision", "model_garden"):
+        raise ValueError(f"RoIAlign style must be 'torchvision' or 'model_garden', got {style!r}")
     output_size, sampling_ratio = _check_sizes(output_size, sampling_ratio)
     levels = sorted(features)
     if levels != list(range(levels[0], levels[-1] + 1)):
@@ -252,12 +304,16 @@ def multilevel_roi_align(
 
     num_rois = boxes.shape[1]
     n = batch * num_rois
-    flat_boxes = boxes.reshape(n, 4).astype(jnp.float32)
-    which = assign_levels(flat_boxes, levels[0], levels[-1], canonical_size, canonical_level) - levels[0]
+    flat_boxes = boxes.reshape(n, 4)
+    flat_boxes = flat_boxes.astype(coordinate_dtype(flat_boxes))
+    if style == "model_garden":
+        which = model_garden_levels(flat_boxes, levels[0], levels[-1]) - levels[0]
+    else:
+        which = assign_levels(flat_boxes, levels[0], levels[-1], canonical_size, canonical_level) - levels[0]
     image = jnp.repeat(jnp.arange(batch, dtype=jnp.int32), num_rois)
     base = image * per_image + jnp.asarray(offsets, jnp.int32)[which]
     height = jnp.asarray([fmap.shape[1] for fmap in maps], jnp.int32)[which]
     width = jnp.asarray([fmap.shape[2] for fmap in maps], jnp.int32)[which]
     scale = jnp.asarray([2.0**-level for level in levels], jnp.float32)[which]
-    out = _pool(table, flat_boxes, base, height, width, scale, output_size, sampling_ratio, aligned, chunk_size)
+    out = _pool(table, flat_boxes, base, height, width, scale, output_size, sampling_ratio, aligned, chunk_size, style)
     return out.reshape(batch, num_rois, output_size, output_size, channels)

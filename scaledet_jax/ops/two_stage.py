@@ -139,9 +139,14 @@ def rpn_targets(
     }
 
 
-def _image_hw(image_size, batch: int) -> Array:
-    """(h, w) or [B, 2] -> float32 [B, 2]."""
-    return jnp.broadcast_to(jnp.asarray(image_size, jnp.float32), (batch, 2))
+def _real(x: Array) -> Array:
+    """At least float32 (bfloat16 outputs are scored in float32; float64 stays float64 for x64 parity checks)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _image_hw(image_size, batch: int, dtype=jnp.float32) -> Array:
+    """(h, w) or [B, 2] -> [B, 2]."""
+    return jnp.broadcast_to(jnp.asarray(image_size, dtype), (batch, 2))
 
 
 def _clip(boxes: Array, hw: Array) -> Array:
@@ -184,14 +189,15 @@ def generate_proposals(
     """
     levels = sorted(objectness)
     batch = objectness[levels[0]].shape[0]
-    flat_anchors = [jnp.asarray(anchors[level], jnp.float32).reshape(-1, 4) for level in levels]
+    dtype = jnp.promote_types(deltas[levels[0]].dtype, jnp.float32)
+    flat_anchors = [jnp.asarray(anchors[level], dtype).reshape(-1, 4) for level in levels]
 
     def one_image(logits_per_level, deltas_per_level, hw):
         boxes, logits, level_ids = [], [], []
         for i, (logit, delta, anchor) in enumerate(zip(logits_per_level, deltas_per_level, flat_anchors, strict=True)):
-            logit = logit.reshape(-1).astype(jnp.float32)
+            logit = _real(logit.reshape(-1))
             top, index = jax.lax.top_k(logit, min(pre_nms_top_k, logit.shape[0]))
-            codes = delta.reshape(-1, 4)[index].astype(jnp.float32)
+            codes = _real(delta.reshape(-1, 4)[index])
             boxes.append(box_coder.decode_boxes(codes, anchor[index], box_weights))
             logits.append(top)
             level_ids.append(jnp.full(top.shape, i, jnp.int32))
@@ -206,7 +212,9 @@ def generate_proposals(
         return jnp.where(valid[:, None], boxes[keep], 0.0), jnp.where(valid, scores[keep], 0.0), valid
 
     return jax.vmap(one_image)(
-        [objectness[level] for level in levels], [deltas[level] for level in levels], _image_hw(image_size, batch)
+        [objectness[level] for level in levels],
+        [deltas[level] for level in levels],
+        _image_hw(image_size, batch, dtype),
     )
 
 
@@ -320,9 +328,9 @@ def fast_rcnn_detections(
     first = 1 if background_slot else 0
 
     def one_image(logits, deltas, boxes_in, box_ok, hw):
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, first:]
-        codes = _per_class_deltas(deltas.astype(jnp.float32), num_classes)[:, first:]
-        boxes = _clip(box_coder.decode_boxes(codes, boxes_in.astype(jnp.float32)[:, None, :], box_weights), hw)
+        probs = jax.nn.softmax(_real(logits), axis=-1)[:, first:]
+        codes = _per_class_deltas(_real(deltas), num_classes)[:, first:]
+        boxes = _clip(box_coder.decode_boxes(codes, boxes_in.astype(codes.dtype)[:, None, :], box_weights), hw)
         classes = jnp.broadcast_to(jnp.arange(first, num_classes, dtype=jnp.int32) + (1 - first), probs.shape)
         ok = (probs > score_threshold) & _big_enough(boxes, min_size) & box_ok.astype(bool)[:, None]
         masked = jnp.where(ok, probs, -jnp.inf).reshape(-1)
@@ -336,7 +344,8 @@ def fast_rcnn_detections(
             "valid": valid,
         }
 
-    return jax.vmap(one_image)(class_logits, box_deltas, rois, roi_valid, _image_hw(image_size, batch))
+    hw = _image_hw(image_size, batch, jnp.promote_types(box_deltas.dtype, jnp.float32))
+    return jax.vmap(one_image)(class_logits, box_deltas, rois, roi_valid, hw)
 
 
 def smooth_l1(diff: Array, beta: float) -> Array:
