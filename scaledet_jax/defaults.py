@@ -84,6 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
     data.train_batch_size = 256
     data.eval_batch_size = 8
     data.max_instances = 100
+    # Mask models (pipeline.needs_masks): each instance mask is carried cropped to its final box and resized
+    # to mask_crop_size x mask_crop_size (Model Garden's Mask R-CNN parser), not at full image size.
+    data.mask_crop_size = 112
     data.aug_rand_hflip = True
     data.aug_scale_min = 0.1
     data.aug_scale_max = 2.0
@@ -283,4 +286,71 @@ def fasterrcnn_config() -> ml_collections.ConfigDict:
     config.num_epochs = 26
     config.checkpoint_every_steps = COCO_TRAIN_EXAMPLES // 16
     config.eval_every_steps = COCO_TRAIN_EXAMPLES // 16 * 2
+    return config
+
+
+def fasterrcnn_quickstart_config() -> ml_collections.ConfigDict:
+    """The Faster R-CNN quickstart (configs/fasterrcnn_quickstart.py): SpineNet-49S x0.35 endpoints P3-P5
+    feeding an RPN and a 2-FC box head directly, 128x128 synthetic shapes, Adam 4e-3 cosine, 666 steps."""
+    config = fasterrcnn_config()
+    quick = get_config()  # the RetinaNet quickstart's backbone settings
+    m = config.model
+    m.num_classes = 4  # background + circle, square, triangle
+    m.image_size = 128
+    m.min_level, m.max_level = 3, 5
+    m.activation = "swish"
+    m.conv_padding = m.pool_padding = "same"
+    m.norm = quick.model.norm
+    m.backbone = quick.model.backbone
+    m.backbone.model_id = "49S"
+    m.backbone.filter_size_scale = 0.35
+    m.backbone.endpoints_num_filters = 64
+    m.backbone.stochastic_depth_rate = 0.0
+    m.decoder = ml_collections.ConfigDict(dict(name="none"))
+    m.anchor.update(
+        num_scales=2,
+        aspect_ratios=(2.0, 1.0, 0.5),
+        anchor_size=3.0,
+        center_offset=0.5,
+        round_base=False,
+        integer_stride=False,
+    )
+    m.rpn.update(num_filters=64, pre_nms_top_k_train=600, post_nms_top_k_train=256, pre_nms_top_k=300,
+                 post_nms_top_k=100)  # fmt: skip
+    m.roi.update(min_level=3, max_level=5, canonical_size=64.0, num_samples=64, foreground_fraction=0.25)
+    m.box_head.update(num_fcs=2, fc_dims=256)
+    m.detection.pre_nms_top_k = 1000
+
+    use_synthetic_data(config)
+    config.loss.l2_weight_decay = 4e-5
+    o = config.optim
+    o.frozen = ()
+    o.optimizer = "adam"
+    o.base_learning_rate = 4e-3 * 256 / 16  # lr 4e-3 at batch 16
+    o.schedule = "cosine"
+    o.warmup_steps = 50
+    o.warmup_learning_rate = 2e-4
+    o.gradient_clip_norm = 10.0
+
+    config.num_epochs = 18  # 666 steps
+    config.log_every_steps = 20
+    config.checkpoint_every_steps = 200
+    config.eval_every_steps = 0
+    return config
+
+
+def maskrcnn_config() -> ml_collections.ConfigDict:
+    """torchvision's ``maskrcnn_resnet50_fpn``: ``fasterrcnn_config()`` plus its mask branch (RoIAlign
+    14x14 sampling 2 on P2-P5, four 3x3 convs of 256, a 2x2 stride-2 transposed conv, a 1x1 conv to
+    91 28x28 mask logits; no normalisation) and mask loss weight 1; same 26-epoch recipe.
+    """
+    config = fasterrcnn_config()
+    config.model.name = "mask_rcnn"
+    config.model.mask_head = ml_collections.ConfigDict(
+        # num_samples 0: every foreground RoI of the sampled num_samples * foreground_fraction slots
+        dict(num_convs=4, conv_filters=256, norm="", class_agnostic=False, roi_output_size=14, sampling_ratio=2,
+             num_samples=0)
+    )  # fmt: skip
+    config.loss.mask_weight = 1.0
+    config.data.mask_crop_size = 112  # ground-truth masks carried cropped to their boxes (Model Garden's parser)
     return config

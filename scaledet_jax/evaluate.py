@@ -1,7 +1,10 @@
-"""COCO evaluation with pycocotools: ground truth and detections collected on the host.
+"""COCO evaluation with pycocotools: detections (and instance masks) collected on the host.
 
-Ground truth comes from the evaluation batches themselves (boxes mapped back to original image
-pixels), so every data source — tfds, a COCO folder, the synthetic set — is evaluated the same way.
+Ground truth: when the data source has an annotation json (a COCO folder, the synthetic set) the
+evaluation runs against that json as pycocotools would — every object, its annotation area and crowd
+flag, restricted to the images evaluated; otherwise (tfds) it is rebuilt from the evaluation batches
+(boxes mapped back to original image pixels). ``bbox`` metrics keep their plain names (AP, AP50, ...);
+when the detections carry masks, ``segm`` metrics follow as segm_AP, segm_AP50, ...
 """
 
 from __future__ import annotations
@@ -22,13 +25,32 @@ def _xywh(boxes: np.ndarray) -> np.ndarray:
     return np.stack([boxes[:, 1], boxes[:, 0], boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]], axis=1)
 
 
-class CocoEvaluator:
-    """Accumulates ground truth and detections batch by batch; ``evaluate()`` runs COCOeval."""
+def annotation_json(config, workdir: str) -> str | None:
+    """The eval split's COCO json when ``config.data`` reads a COCO folder (or the synthetic set)."""
+    from scaledet_jax.data import coco_folder
 
-    def __init__(self) -> None:
+    data = config.data
+    if data.source == "synthetic":
+        folder = data.coco_folder or os.path.join(workdir, "synthetic_data")
+    elif data.source == "coco_folder":
+        folder = data.coco_folder
+    else:
+        return None
+    path = coco_folder.json_path(folder, data.eval_split)
+    return path if os.path.exists(path) else None
+
+
+class CocoEvaluator:
+    """Accumulates detections (and ground truth, without a json) batch by batch; ``evaluate()`` runs
+    COCOeval for ``bbox`` and, when masks were added, ``segm``."""
+
+    def __init__(self, annotation_json: str | None = None, with_masks: bool = False) -> None:
+        self.annotation_json = annotation_json
+        self.with_masks = with_masks  # segm metrics and results, even when no detection has been made
         self.images: list[dict] = []
         self.annotations: list[dict] = []
         self.detections: list[dict] = []
+        self.segmentations: list[dict] = []
         self.category_ids: set[int] = set()
 
     def add_ground_truth(self, batch: dict[str, np.ndarray]) -> None:
@@ -37,6 +59,8 @@ class CocoEvaluator:
                 continue
             height, width = (int(v) for v in batch["original_size"][i])
             self.images.append({"id": int(image_id), "height": height, "width": width})
+            if self.annotation_json:  # the json has the objects
+                continue
             valid = batch["valid"][i]
             boxes = _xywh(batch["boxes"][i][valid] / batch["scale"][i])
             for box, cls, crowd in zip(boxes, batch["classes"][i][valid], batch["crowd"][i][valid], strict=True):
@@ -53,16 +77,19 @@ class CocoEvaluator:
                 )
 
     def add_detections(self, batch: dict[str, np.ndarray], detections: dict[str, np.ndarray]) -> None:
+        """``detections``: boxes [B, D, 4] (input pixels), scores, classes, valid, optionally masks
+        [B, D, m, m] (probabilities in each box's frame, pasted into the original image here)."""
+        from scaledet_jax.ops import masks as mask_ops
+
         for i, image_id in enumerate(batch["image_id"]):
             if image_id < 0:
                 continue
             valid = detections["valid"][i]
-            height, width = batch["original_size"][i]
+            height, width = (int(v) for v in batch["original_size"][i])
             boxes = detections["boxes"][i][valid] / batch["scale"][i]
             boxes = np.clip(boxes, 0, [height, width, height, width])
-            for box, score, cls in zip(
-                _xywh(boxes), detections["scores"][i][valid], detections["classes"][i][valid], strict=True
-            ):
+            scores, classes = detections["scores"][i][valid], detections["classes"][i][valid]
+            for box, score, cls in zip(_xywh(boxes), scores, classes, strict=True):
                 self.detections.append(
                     {
                         "image_id": int(image_id),
@@ -71,35 +98,72 @@ class CocoEvaluator:
                         "score": round(float(score), 5),
                     }
                 )
+            if "masks" in detections:
+                pasted = mask_ops.paste_masks(detections["masks"][i][valid], boxes, height, width)
+                for rle, score, cls in zip(mask_ops.encode_masks(pasted), scores, classes, strict=True):
+                    self.segmentations.append(
+                        {
+                            "image_id": int(image_id),
+                            "category_id": int(cls),
+                            "segmentation": rle,
+                            "score": round(float(score), 5),
+                        }
+                    )
 
-    def evaluate(self, verbose: bool = False) -> dict[str, float]:
+    def _ground_truth(self):
         from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
 
+        if self.annotation_json:
+            return COCO(self.annotation_json)
         ground_truth = COCO()
         ground_truth.dataset = {
             "images": self.images,
             "annotations": self.annotations,
             "categories": [{"id": c} for c in sorted(self.category_ids)],
         }
+        ground_truth.createIndex()
+        return ground_truth
+
+    def evaluate(self, verbose: bool = False) -> dict[str, float]:
+        from pycocotools.cocoeval import COCOeval
+
+        results = {"bbox": self.detections}
+        if self.with_masks or self.segmentations:
+            results["segm"] = self.segmentations
+        metrics: dict[str, float] = {}
         with contextlib.redirect_stdout(io.StringIO()) as log:
-            ground_truth.createIndex()
-            if not self.detections:
-                return dict.fromkeys(METRIC_NAMES, 0.0)
-            detections = ground_truth.loadRes(self.detections)
-            coco_eval = COCOeval(ground_truth, detections, iouType="bbox")
-            coco_eval.evaluate()
-            coco_eval.accumulate()
-            coco_eval.summarize()
+            ground_truth = self._ground_truth()
+            image_ids = sorted({image["id"] for image in self.images})
+            for iou_type, found in results.items():
+                prefix = "" if iou_type == "bbox" else f"{iou_type}_"
+                if not found:
+                    metrics.update({prefix + name: 0.0 for name in METRIC_NAMES})
+                    continue
+                # loadRes adds fields (area, id, bbox, ...) to the dicts it is given: give it copies.
+                results_api = ground_truth.loadRes([dict(r) for r in found])
+                coco_eval = COCOeval(ground_truth, results_api, iouType=iou_type)
+                coco_eval.params.imgIds = image_ids
+                coco_eval.evaluate()
+                coco_eval.accumulate()
+                coco_eval.summarize()
+                metrics.update(
+                    {prefix + name: float(max(v, 0.0)) for name, v in zip(METRIC_NAMES, coco_eval.stats, strict=True)}
+                )
         if verbose:
             print(log.getvalue())
-        return {name: float(max(v, 0.0)) for name, v in zip(METRIC_NAMES, coco_eval.stats, strict=True)}
+        return metrics
 
-    def write(self, workdir: str, step: int, metrics: dict[str, Any]) -> tuple[str, str]:
-        """``eval_<step>.json`` (metrics) and ``detections_<step>.json`` (COCO results), atomically."""
-        paths = (os.path.join(workdir, f"eval_{step}.json"), os.path.join(workdir, f"detections_{step}.json"))
-        for path, content in zip(paths, ({"step": step, **metrics}, self.detections), strict=True):
+    def write(self, workdir: str, step: int, metrics: dict[str, Any]) -> tuple[str, ...]:
+        """``eval_<step>.json`` (metrics), ``detections_<step>.json`` (COCO bbox results) and, with masks,
+        ``segmentations_<step>.json`` (COCO segm results, RLE), each written atomically."""
+        files = [("eval", {"step": step, **metrics}), ("detections", self.detections)]
+        if self.with_masks or self.segmentations:
+            files.append(("segmentations", self.segmentations))
+        paths = []
+        for name, content in files:
+            path = os.path.join(workdir, f"{name}_{step}.json")
             with open(path + ".tmp", "w") as f:
                 json.dump(content, f)
             os.replace(path + ".tmp", path)
-        return paths
+            paths.append(path)
+        return tuple(paths)

@@ -465,7 +465,7 @@ class Run:
 
     def evaluate(self, state: TrainState) -> dict[str, float]:
         from scaledet_jax.data import pipeline
-        from scaledet_jax.evaluate import CocoEvaluator
+        from scaledet_jax.evaluate import CocoEvaluator, annotation_json
 
         params = state.ema_params if state.ema_params is not None else state.params
         variables = {"params": params, "batch_stats": state.batch_stats}
@@ -474,7 +474,9 @@ class Run:
                 self.task.predict, in_shardings=(self.replicated, self.data_sharding), out_shardings=self.replicated
             )
         predict = self._predict
-        evaluator = CocoEvaluator()
+        evaluator = CocoEvaluator(
+            annotation_json(self.config, self.workdir), with_masks=self.config.model.name == "mask_rcnn"
+        )
         start = time.perf_counter()
         for batch in pipeline.eval_batches(
             self.config, self.builder, process_index=jax.process_index(), process_count=jax.process_count()
@@ -496,7 +498,7 @@ class Run:
                 step,
                 len(evaluator.images),
                 time.perf_counter() - start,
-                _format(metrics, ("AP", "AP50", "AP75", "APs", "APm", "APl")),
+                _format(metrics, [k for k in metrics if k.removeprefix("segm_") in SHOWN_METRICS]),
                 ", ".join(paths),
             )
         return metrics
@@ -682,6 +684,9 @@ def _write_parameter_overview(workdir: str, params: Any, parameter_overview) -> 
         f"{sum(sizes.values()):,}",
         path,
     )
+
+
+SHOWN_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the eval log line's (bbox, then segm)
 
 
 def _format(metrics: dict[str, float], keys) -> str:

@@ -430,7 +430,7 @@ def test_describe_error_sorts_expected_errors_from_bugs(jax_raise_sites, synthet
         (KeyboardInterrupt(), ("interrupted", 130)),
         (
             _raised(lambda: build_task(config)),
-            ("unknown model.name 'yolo'; available: efficientdet, faster_rcnn, retinanet", 2),
+            ("unknown model.name 'yolo'; available: efficientdet, faster_rcnn, mask_rcnn, retinanet", 2),
         ),
         (_raised(_our_value_error_under_jit), ("unknown activation 'gelu-ish'; use 'relu' or 'swish'", 2)),
         (

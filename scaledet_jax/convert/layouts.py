@@ -164,7 +164,7 @@ LAYOUTS = {
         ),
         Layout(
             name="torchvision",
-            description="torchvision fasterrcnn_resnet50_fpn / retinanet_resnet50_fpn (FrozenBatchNorm eps 1e-5)",
+            description="torchvision fasterrcnn / maskrcnn / retinanet_resnet50_fpn (FrozenBatchNorm eps 1e-5)",
             source=torchvision_layout.torchvision_source,
             ignored=torchvision_layout.torchvision_ignored,
             model_options={"backbone.bn_epsilon": 1e-5, **IMAGENET_RGB_INPUT},
@@ -179,7 +179,7 @@ LAYOUTS = {
             # eps 0 (overwrite_eps): the epsilon FrozenBatchNorm2d had before torchvision 0.8
             # (pytorch/vision#2933), when they were trained.
             name="torchvision-coco-v1",
-            description="torchvision's published COCO_V1 Faster R-CNN / RetinaNet weights (FrozenBatchNorm eps 0)",
+            description="torchvision's published COCO_V1 Faster/Mask R-CNN / RetinaNet weights (FrozenBatchNorm eps 0)",
             source=torchvision_layout.torchvision_source,
             ignored=torchvision_layout.torchvision_ignored,
             model_options={"backbone.bn_epsilon": 0.0, **IMAGENET_RGB_INPUT},

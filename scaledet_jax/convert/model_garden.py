@@ -28,7 +28,7 @@ from flax.core import unfreeze
 
 
 class KerasUnit:
-    """One Keras layer (Conv2D or BatchNormalization) and its variables in creation order."""
+    """One Keras layer (Conv2D, BatchNormalization, Dense or Conv2DTranspose) and its variables in creation order."""
 
     def __init__(self, layer: Any):
         self.layer = layer
@@ -41,6 +41,10 @@ class KerasUnit:
             return "bn"
         if cls in ("Conv2D",):
             return "conv"
+        if cls == "Dense":
+            return "dense"
+        if cls == "Conv2DTranspose":
+            return "deconv"
         raise ValueError(f"no Flax counterpart for Keras layer type {cls}")
 
 
@@ -81,18 +85,33 @@ def owned_units(units: list[KerasUnit], keras_model: Any) -> list[KerasUnit]:
     return kept
 
 
+def _flax_kind(module: nn.Module) -> str | None:
+    from scaledet_jax.heads.roi_heads import _Upsample2x2
+
+    if isinstance(module, nn.Conv):
+        return "conv"
+    if isinstance(module, nn.BatchNorm):
+        return "bn"
+    if isinstance(module, nn.Dense):
+        return "dense"
+    if isinstance(module, _Upsample2x2):
+        return "deconv"
+    return None
+
+
 def flax_layer_order(model: nn.Module, *init_args: Any, **init_kwargs: Any) -> list[tuple[str, tuple[str, ...]]]:
-    """[(kind, module path)] of the model's convs and batch norms in first-call order."""
+    """[(kind, module path)] of the model's convs, batch norms, dense and transposed-conv layers in first-call order."""
     order: list[tuple[str, tuple[str, ...]]] = []
     seen = set()
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name == "__call__" and isinstance(module, (nn.Conv, nn.BatchNorm)):
+        kind = _flax_kind(module) if context.method_name == "__call__" else None
+        if kind is not None:
             path = tuple(module.scope.path)
             if path not in seen:
                 seen.add(path)
-                order.append(("conv" if isinstance(module, nn.Conv) else "bn", path))
+                order.append((kind, path))
         return next_fun(*args, **kwargs)
 
     rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
@@ -113,14 +132,16 @@ def _set(tree: dict, path: tuple[str, ...], name: str, value: np.ndarray) -> Non
 def keras_to_flax(units: list[KerasUnit], flax_order: list[tuple[str, tuple[str, ...]]], abstract: Any) -> dict:
     """Flax variables {'params', 'batch_stats'} holding the Keras units' values."""
     if len(units) != len(flax_order):
-        raise ValueError(f"Keras model has {len(units)} conv/BN layers, the Flax model {len(flax_order)}")
+        raise ValueError(f"Keras model has {len(units)} weight layers, the Flax model {len(flax_order)}")
     variables = unfreeze(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract))
     params, stats = variables["params"], variables.get("batch_stats", {})
     for i, (unit, (kind, path)) in enumerate(zip(units, flax_order, strict=True)):
         if unit.kind != kind:
             raise ValueError(f"layer {i}: Keras {unit.layer.name} is a {unit.kind}, Flax {'/'.join(path)} a {kind}")
         values = [v.numpy() for v in unit.variables]
-        if kind == "conv":
+        if kind == "deconv":  # Keras Conv2DTranspose kernel [kh, kw, out, in] -> ours [kh, kw, in, out]
+            values[0] = values[0].transpose(0, 1, 3, 2)
+        if kind in ("conv", "dense", "deconv"):
             _set(params, path, "kernel", values[0])
             if len(values) == 2:
                 _set(params, path, "bias", values[1])

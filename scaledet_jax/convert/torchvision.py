@@ -1,7 +1,7 @@
-"""torchvision detection checkpoints: ``fasterrcnn_resnet50_fpn`` and ``retinanet_resnet50_fpn``
-(v1 architectures; ResNet-50 or -101 bodies), as ``model.state_dict()`` or references/detection's
-``{'model': ..., 'optimizer': ..., ...}``. The ``_v2`` models (GroupNorm / conv box heads) do not fit
-and are refused by the strict mapping.
+"""torchvision detection checkpoints: ``fasterrcnn_resnet50_fpn``, ``maskrcnn_resnet50_fpn`` and
+``retinanet_resnet50_fpn`` (v1 architectures; ResNet-50 or -101 bodies), as ``model.state_dict()`` or
+references/detection's ``{'model': ..., 'optimizer': ..., ...}``. The ``_v2`` models (GroupNorm / conv box
+heads) do not fit and are refused by the strict mapping.
 
 Keys
 ----
@@ -13,6 +13,8 @@ by a BatchNorm2d build, is ignored). FPN ``backbone.fpn.inner_blocks.{i}.0`` / `
 ``output_{l}``, i = l - min_level, and RetinaNet's ``extra_blocks.p6`` / ``p7``. Faster R-CNN:
 ``rpn.head.conv.0.0`` (old: ``rpn.head.conv``), ``rpn.head.cls_logits`` / ``bbox_pred``;
 ``roi_heads.box_head.fc6`` / ``fc7``, ``roi_heads.box_predictor.cls_score`` / ``bbox_pred``.
+Mask R-CNN adds ``roi_heads.mask_head.{i}.0`` (old: ``mask_fcn{i+1}``) for our ``conv_{i}``,
+``roi_heads.mask_predictor.conv5_mask`` (ConvTranspose2d, weight [in, out, 2, 2]) and ``mask_fcn_logits``.
 RetinaNet: ``head.{classification,regression}_head.conv.{i}.0`` (old: ``conv.{2i}``),
 ``cls_logits`` / ``bbox_reg``.
 
@@ -47,12 +49,20 @@ from scaledet_jax.cli import UserError
 from scaledet_jax.convert.mmdet import anchor_permutation
 from scaledet_jax.convert.torch_layout import BN_IGNORED_SUFFIX, Path, leaf_name, numbered
 
-FASTER_RCNN, RETINANET = "faster_rcnn", "retinanet"
+FASTER_RCNN, RETINANET, MASK_RCNN = "faster_rcnn", "retinanet", "mask_rcnn"
 _KIND_KEYS = {
     FASTER_RCNN: "roi_heads.box_predictor.cls_score.weight",
     RETINANET: "head.classification_head.cls_logits.weight",
 }
-_CONFIGS = {FASTER_RCNN: "configs/fasterrcnn_resnet50_fpn.py", RETINANET: "configs/retinanet_resnet50_fpn.py"}
+_CONFIGS = {
+    FASTER_RCNN: "configs/fasterrcnn_resnet50_fpn.py",
+    RETINANET: "configs/retinanet_resnet50_fpn.py",
+    MASK_RCNN: "configs/maskrcnn_resnet50_fpn.py",
+}
+_NAMES = {FASTER_RCNN: "Faster R-CNN", RETINANET: "RetinaNet", MASK_RCNN: "Mask R-CNN"}
+# A Mask R-CNN has a Faster R-CNN's keys plus its mask branch (head convs named as in torchvision >= 0.13
+# or before).
+_MASK_KEYS = ("roi_heads.mask_head.0.0.weight", "roi_heads.mask_head.mask_fcn1.weight")
 _DEPTHS = {6: 50, 23: 101}  # bottlenecks in layer3 -> ResNet depth
 TORCHVISION_RATIOS = (0.5, 1.0, 2.0)  # h / w, both detectors' AnchorGenerator
 
@@ -91,6 +101,13 @@ FASTER_RCNN_OPTIONS = {
     "box_head.class_agnostic_boxes": False,
     "box_coder_weights": (10.0, 10.0, 5.0, 5.0),
 }
+MASK_RCNN_OPTIONS = {
+    "mask_head.num_convs": 4,
+    "mask_head.norm": "",
+    "mask_head.class_agnostic": False,
+    "mask_head.roi_output_size": 14,
+    "mask_head.sampling_ratio": 2,
+}
 RETINANET_OPTIONS = {
     "min_level": 3,
     "max_level": 7,
@@ -110,8 +127,11 @@ def detector_kind(keys) -> str:
     found = [kind for kind, key in _KIND_KEYS.items() if key in keys]
     if len(found) != 1:
         raise UserError(
-            f"not a torchvision Faster R-CNN or RetinaNet checkpoint (expected {' or '.join(_KIND_KEYS.values())})"
+            "not a torchvision Faster R-CNN, Mask R-CNN or RetinaNet checkpoint (expected "
+            f"{' or '.join(_KIND_KEYS.values())})"
         )
+    if found[0] == FASTER_RCNN and any(key in keys for key in _MASK_KEYS):
+        return MASK_RCNN
     return found[0]
 
 
@@ -167,6 +187,13 @@ def torchvision_source(state_keys, target_shapes: Mapping[str, Any]):
                 "box_deltas": "box_predictor.bbox_pred",
             }.get(local[0])
             return module and f"roi_heads.{module}.{leaf}"
+        if part == "mask_head":
+            m = re.fullmatch(r"conv_(\d)", local[0])
+            if m:
+                i = int(m.group(1))
+                return _pick(keys, f"roi_heads.mask_head.{i}.0.{leaf}", f"roi_heads.mask_head.mask_fcn{i + 1}.{leaf}")
+            module = {"deconv": "conv5_mask", "mask_logits": "mask_fcn_logits"}.get(local[0])
+            return module and f"roi_heads.mask_predictor.{module}.{leaf}"
         if part == "head":
             name = local[0]
             if name in ("class_predict", "box_predict"):
@@ -196,18 +223,20 @@ def torchvision_options(state: Mapping[str, Any], config) -> dict[str, Any]:
     kind = detector_kind(state.keys())
     if config.model.name != kind:
         raise UserError(
-            f"the checkpoint is a torchvision {'Faster R-CNN' if kind == FASTER_RCNN else 'RetinaNet'} but the "
+            f"the checkpoint is a torchvision {_NAMES[kind]} but the "
             f"config builds model.name={config.model.name!r}; use --config={_CONFIGS[kind]}"
         )
     blocks = numbered(state.keys(), r"backbone\.body\.layer3\.(\d+)\.conv1\.weight$")
     if len(blocks) not in _DEPTHS:
         raise UserError(f"backbone.body.layer3 has {len(blocks)} bottlenecks: not a ResNet-50 or -101 body")
     options = {**COMMON_OPTIONS, "backbone.depth": _DEPTHS[len(blocks)]}
-    if kind == FASTER_RCNN:
+    if kind in (FASTER_RCNN, MASK_RCNN):
         classes = int(np.shape(state["roi_heads.box_predictor.cls_score.weight"])[0])
         anchors = int(np.shape(state["rpn.head.cls_logits.weight"])[0]) if "rpn.head.cls_logits.weight" in state else 3
         expected = len(TORCHVISION_RATIOS)
         options.update(FASTER_RCNN_OPTIONS)
+        if kind == MASK_RCNN:
+            options.update(MASK_RCNN_OPTIONS)
     else:
         bias = "head.classification_head.cls_logits.bias"
         box = "head.regression_head.bbox_reg.bias"
@@ -251,6 +280,8 @@ def torchvision_transform(config) -> Any:
             return _regroup(array, perm, 1 if name == "objectness" else 4, name == "box")
         if part == "head" and name in ("class_predict", "box_predict"):
             return _regroup(array, perm, m.num_classes if name == "class_predict" else 4, name == "box_predict")
+        if part == "mask_head" and name == "deconv" and path[-1] == "kernel":
+            return array.transpose(0, 1, 3, 2)  # ConvTranspose2d weight [in, out, kh, kw] -> our [kh, kw, in, out]
         if part == "box_head" and name == "box_deltas":
             return _regroup(array, np.arange(array.shape[-1] // 4), 4, True)
         if part == "box_head" and name == "fc_0" and path[-1] == "kernel":
@@ -266,7 +297,7 @@ def torchvision_transform(config) -> Any:
 # Reference models for ``--reference`` (random init; the converter loads the checkpoint into them)
 # ---------------------------------------------------------------------------------------------
 
-REFERENCES = ("fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn")
+REFERENCES = ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "retinanet_resnet50_fpn")
 
 
 def torchvision_reference(name: str, config, size: int):
@@ -275,7 +306,7 @@ def torchvision_reference(name: str, config, size: int):
     import functools
 
     import torchvision
-    from torchvision.models.detection import FasterRCNN, RetinaNet
+    from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
     from torchvision.ops.misc import FrozenBatchNorm2d
@@ -287,6 +318,8 @@ def torchvision_reference(name: str, config, size: int):
     body = getattr(torchvision.models, f"resnet{m.backbone.get('depth', 50)}")(weights=None, norm_layer=norm)
     if name == "fasterrcnn_resnet50_fpn":
         return FasterRCNN(_resnet_fpn_extractor(body, 3), num_classes=m.num_classes)
+    if name == "maskrcnn_resnet50_fpn":
+        return MaskRCNN(_resnet_fpn_extractor(body, 3), num_classes=m.num_classes)
     backbone = _resnet_fpn_extractor(body, 3, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
     return RetinaNet(backbone, num_classes=m.num_classes)
 

@@ -183,6 +183,45 @@ def _build_decoder(model_config: ml_collections.ConfigDict) -> nn.Module | None:
 @register_model("faster_rcnn")
 def _build_faster_rcnn(model_config: ml_collections.ConfigDict) -> nn.Module:
     """Backbone (+ FPN) + RPN + multilevel RoIAlign + box head (torchvision / Model Garden semantics as options)."""
+    from scaledet_jax.models.faster_rcnn import FasterRCNN
+
+    return FasterRCNN(**_two_stage_parts(model_config))
+
+
+@register_model("mask_rcnn")
+def _build_mask_rcnn(model_config: ml_collections.ConfigDict) -> nn.Module:
+    """Faster R-CNN + mask head on RoIAlign 14x14 features (``model.mask_head``)."""
+    from scaledet_jax.heads.roi_heads import MaskHead
+    from scaledet_jax.models.mask_rcnn import MaskRCNN, MaskSettings
+
+    m = model_config
+    head = m.mask_head
+    return MaskRCNN(
+        **_two_stage_parts(m),
+        mask_head=MaskHead(
+            num_classes=m.num_classes,
+            num_convs=head.num_convs,
+            conv_filters=head.conv_filters,
+            norm=head.get("norm") or None,
+            class_agnostic=head.get("class_agnostic", False),
+            conv_bias=head.get("conv_bias", True),
+            deconv_norm=head.get("deconv_norm", True),
+            padding=m.get("conv_padding", "same"),
+            bn_momentum=m.norm.momentum,
+            bn_epsilon=m.norm.epsilon,
+            dtype=_dtype(m),
+        ),
+        mask=MaskSettings(
+            output_size=head.roi_output_size,
+            sampling_ratio=head.get("sampling_ratio", m.roi.sampling_ratio),
+            target_size=2 * head.roi_output_size,
+            num_samples=head.get("num_samples", 0),
+        ),
+    )
+
+
+def _two_stage_parts(model_config: ml_collections.ConfigDict) -> dict:
+    """The Faster R-CNN modules and settings of ``model_config`` (shared by Faster and Mask R-CNN)."""
     from scaledet_jax.heads.roi_heads import BoxHead
     from scaledet_jax.heads.rpn import RPNHead
     from scaledet_jax.models import faster_rcnn as frcnn
@@ -199,7 +238,7 @@ def _build_faster_rcnn(model_config: ml_collections.ConfigDict) -> nn.Module:
     )
     padding = m.get("conv_padding", "same")
     norm = dict(bn_momentum=m.norm.momentum, bn_epsilon=m.norm.epsilon)
-    return frcnn.FasterRCNN(
+    return dict(
         backbone=build_backbone(m),
         decoder=_build_decoder(m),
         rpn_head=RPNHead(
@@ -221,6 +260,8 @@ def _build_faster_rcnn(model_config: ml_collections.ConfigDict) -> nn.Module:
             fc_dims=head.fc_dims,
             norm=head.get("norm") or None,
             class_agnostic_boxes=head.get("class_agnostic_boxes", False),
+            conv_bias=head.get("conv_bias", True),
+            fc_norm=head.get("fc_norm", True),
             padding=padding,
             dtype=_dtype(m),
             **norm,
@@ -246,6 +287,7 @@ def _build_faster_rcnn(model_config: ml_collections.ConfigDict) -> nn.Module:
             aligned=roi.aligned,
             canonical_size=roi.canonical_size,
             canonical_level=roi.canonical_level,
+            style=roi.get("style", "torchvision"),
             num_samples=roi.num_samples,
             foreground_fraction=roi.foreground_fraction,
             foreground_iou=roi.foreground_iou,

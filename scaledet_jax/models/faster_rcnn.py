@@ -57,6 +57,7 @@ class RoISettings:
     aligned: bool = False
     canonical_size: float = 224.0
     canonical_level: int = 4
+    style: str = "torchvision"  # or 'model_garden' (its crop_and_resize: level rule, 1 sample per bin, borders)
     # RoI sampling in training
     num_samples: int = 512
     foreground_fraction: float = 0.25
@@ -138,6 +139,7 @@ class FasterRCNN(nn.Module):
             aligned=r.aligned,
             canonical_size=r.canonical_size,
             canonical_level=r.canonical_level,
+            style=r.style,
         )
         return self.box_head(pooled, train=train)
 
@@ -156,7 +158,10 @@ class FasterRCNN(nn.Module):
         return jax.vmap(one)(proposals, valid, gt["boxes"], gt["classes"], gt["valid"], gt["crowd"], rngs)
 
     def __call__(self, images: Array, gt: dict[str, Array] | None = None, train: bool = False) -> dict[str, Any]:
-        features = self.features(images, train=train)
+        return self._box_outputs(self.features(images, train=train), gt, train)
+
+    def _box_outputs(self, features: dict[int, Array], gt: dict[str, Array] | None, train: bool) -> dict[str, Any]:
+        """RPN, proposals, (sampled) RoIs and the box head's outputs on them."""
         objectness, deltas = self.rpn(features, train=train)
         proposals, scores, valid = self.generate_proposals(objectness, deltas, train)
         outputs = {"rpn_objectness": objectness, "rpn_deltas": deltas}

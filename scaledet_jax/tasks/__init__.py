@@ -44,6 +44,7 @@ _MODULES = {
     "retinanet": "scaledet_jax.tasks.retinanet",
     "efficientdet": "scaledet_jax.tasks.retinanet",
     "faster_rcnn": "scaledet_jax.tasks.faster_rcnn",
+    "mask_rcnn": "scaledet_jax.tasks.mask_rcnn",
 }
 
 

@@ -48,7 +48,12 @@ class FasterRCNNTask:
         return init_with_images(self.model, rngs, image_size)
 
     def losses(self, variables, batch, rng, train: bool = True):
-        gt = {k: batch[k] for k in ("boxes", "classes", "valid", "crowd")}
+        parts, new_stats, _ = self.losses_and_outputs(variables, batch, rng, train)
+        return parts, new_stats
+
+    def losses_and_outputs(self, variables, batch, rng, train: bool = True):
+        """(loss parts, new batch_stats, the model's training outputs)."""
+        gt = {k: batch[k] for k in self.batch_fields if k != "image"}
         dropout_rng, sampling_rng, rpn_rng = jax.random.split(rng, 3)
         rngs = {"dropout": dropout_rng, "sampling": sampling_rng}
         if train:
@@ -100,11 +105,14 @@ class FasterRCNNTask:
             + c.box_weight * parts["fast_rcnn_box_loss"]
         )
         parts["num_foreground_rois"] = jnp.sum(samples["foreground"] & samples["valid"]).astype(jnp.float32)
-        return parts, new_stats
+        return parts, new_stats, outputs
 
     def predict(self, variables, images):
+        return self.detections(self.model.apply(variables, images, train=False))
+
+    def detections(self, outputs: dict[str, Any]) -> dict[str, Array]:
+        """The box head's inference outputs -> fixed-shape detections (boxes in input pixels)."""
         m = self.config.model
-        outputs = self.model.apply(variables, images, train=False)
         d = m.detection
         return two_stage.fast_rcnn_detections(
             outputs["class_logits"],

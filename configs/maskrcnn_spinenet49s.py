@@ -1,0 +1,62 @@
+"""Mask R-CNN SpineNet-49S at 640: the seed's (yan-roo/SpineNet-Pytorch, mmdetection v1.1)
+``mask_rcnn_spinenet_49S_B_8gpu_640`` network and recipe.
+
+Command:   python main.py --config=configs/maskrcnn_spinenet49s.py --workdir=runs/maskrcnn_spinenet49s \
+               --config.data.coco_folder=/data/coco
+Published: 39.7 box AP / 34.9 mask AP, 13.92M parameters, 63.77B FLOPs (seed); paper 39.3 / 34.8, 13.9M, 60.2B.
+
+Network as the seed builds it: SpineNet-49S endpoints P3-P7 (128 channels), no FPN, RPN of one 3x3 conv
+(128, no norm) with 3 anchors of base size 3 * 2**level, RoIAlign 7x7 / 14x14 (2x2 samples) on P3-P6
+with mmdetection's level rule (P3 below 112 px, canonical 112 px at P4), box head of 4 convs (128, no
+bias, batch norm) + 1 FC (512, no norm), mask head of 4 convs (128, no bias, batch norm) + deconv (no
+norm). With the seed's 81 classes (mmdetection's contiguous labels) the network has 13,916,084
+parameters (13.92M); this training config keeps the COCO category ids (91 outputs). Recipe: batch
+128 (16 x 8 GPUs), SGD 0.9, lr 0.14, 4000-step linear warmup from 0.1x, x0.1 at epochs 320 and 340
+of 350, weight decay 4e-5, scale jitter 0.5-2.0, flips, sync batch norm (momentum 0.99, eps 1e-3).
+The seed's mmdetection-v1 anchors (centre (stride - 1) / 2, rounded, "+1" widths) are options its
+converter sets; training from scratch uses Model Garden's.
+"""
+
+import ml_collections
+
+from scaledet_jax import defaults
+
+
+def get_config():
+    config = defaults.maskrcnn_config()
+    quick = defaults.get_config()
+    m = config.model
+    m.image_size = 640
+    m.min_level, m.max_level = 3, 7
+    m.activation = "relu"
+    m.conv_padding = m.pool_padding = "same"
+    m.norm = ml_collections.ConfigDict(dict(momentum=0.99, epsilon=1e-3))
+    m.backbone = quick.model.backbone
+    m.backbone.model_id = "49S"
+    m.backbone.stochastic_depth_rate = 0.0
+    m.decoder = ml_collections.ConfigDict(dict(name="none"))
+    m.anchor.update(
+        num_scales=1, aspect_ratios=(0.5, 1.0, 2.0), anchor_size=3.0, center_offset=0.5, round_base=False,
+        integer_stride=False,
+    )  # fmt: skip
+    m.rpn.update(num_filters=128, norm="", pre_nms_top_k_train=2000, post_nms_top_k_train=2000, pre_nms_top_k=1000,
+                 post_nms_top_k=1000, min_size=0.0)  # fmt: skip
+    m.roi.update(min_level=3, max_level=6, output_size=7, sampling_ratio=2, canonical_size=112.0, canonical_level=4)
+    m.box_head.update(num_convs=4, conv_filters=128, conv_bias=False, num_fcs=1, fc_dims=512, norm="batch",
+                      fc_norm=False)  # fmt: skip
+    m.mask_head.update(conv_filters=128, conv_bias=False, norm="batch", deconv_norm=False, sampling_ratio=2)
+    config.loss.update(style="torchvision", rpn_smooth_l1_beta=1.0 / 9.0, roi_smooth_l1_beta=1.0, l2_weight_decay=4e-5)
+    d = config.data
+    d.source = "coco_folder"
+    d.train_split, d.eval_split = "train2017", "val2017"
+    d.train_batch_size = 128
+    d.aug_scale_min, d.aug_scale_max = 0.5, 2.0
+    o = config.optim
+    o.frozen = ()
+    o.base_learning_rate = 0.14 * 256 / 128  # lr 0.14 at batch 128
+    o.decay_epochs = (320, 340)
+    o.warmup_steps = 4000
+    o.warmup_learning_rate = 0.014
+    config.num_epochs = 350
+    config.checkpoint_every_steps = config.eval_every_steps = defaults.COCO_TRAIN_EXAMPLES // 128
+    return config
