@@ -5,16 +5,20 @@ Command:   python main.py --config=configs/maskrcnn_spinenet49s.py --workdir=run
                --config.data.coco_folder=/data/coco
 Published: 39.7 box AP / 34.9 mask AP, 13.92M parameters, 63.77B FLOPs (seed); paper 39.3 / 34.8, 13.9M, 60.2B.
 
-Network as the seed builds it: SpineNet-49S endpoints P3-P7 (128 channels), no FPN, RPN of one 3x3 conv
-(128, no norm) with 3 anchors of base size 3 * 2**level, RoIAlign 7x7 / 14x14 (2x2 samples) on P3-P6
-with mmdetection's level rule (P3 below 112 px, canonical 112 px at P4), box head of 4 convs (128, no
-bias, batch norm) + 1 FC (512, no norm), mask head of 4 convs (128, no bias, batch norm) + deconv (no
-norm). With the seed's 81 classes (mmdetection's contiguous labels) the network has 13,916,084
-parameters (13.92M); this training config keeps the COCO category ids (91 outputs). Recipe: batch
-128 (16 x 8 GPUs), SGD 0.9, lr 0.14, 4000-step linear warmup from 0.1x, x0.1 at epochs 320 and 340
-of 350, weight decay 4e-5, scale jitter 0.5-2.0, flips, sync batch norm (momentum 0.99, eps 1e-3).
-The seed's mmdetection-v1 anchors (centre (stride - 1) / 2, rounded, "+1" widths) are options its
-converter sets; training from scratch uses Model Garden's.
+Network as the seed builds it: SpineNet-49S endpoints P3-P7 (128 channels), no FPN, RPN of one 3x3
+conv (128, no norm) with 3 anchors of base size 3 * 2**level, RoIAlign 7x7 / 14x14 (2x2 samples) on
+P3-P6 with mmdetection v1's level rule and RoIAlign (P3 below 112 px; ``roi.style='mmdet'``), box
+head of 4 convs (128, no bias, batch norm) + 1 FC (512, no norm), mask head of 4 convs (128, no
+bias, batch norm) + deconv (no norm). With the seed's 81 classes (mmdetection's contiguous labels)
+the network has 13,916,084 parameters (13.92M); this training config keeps the COCO category ids
+(91 outputs). Recipe: batch 128 (16 x 8 GPUs), SGD 0.9, lr 0.14, 4000-step linear warmup from 0.1x,
+x0.1 at epochs 320 and 340 of 350, weight decay 4e-5, scale jitter 0.5-2.0, flips, sync batch norm
+(momentum 0.99, eps 1e-3).
+Convert:   python -m scaledet_jax.convert --from=mmdet-spinenet --config=configs/maskrcnn_spinenet49s.py \
+               --input=mask_rcnn_spinenet_49S.pth --output=converted/maskrcnn_spinenet49s
+The converter sets the seed's backbone semantics (symmetric padding, ...), its 81 classes and COCO
+ids; the seed's mmdetection-v1 anchors and box decoding ((stride - 1) / 2 centres, rounding, "+1"
+widths) are not reproduced yet, so decoded boxes differ by up to ~1 px from mmdetection's.
 """
 
 import ml_collections
@@ -41,7 +45,8 @@ def get_config():
     )  # fmt: skip
     m.rpn.update(num_filters=128, norm="", pre_nms_top_k_train=2000, post_nms_top_k_train=2000, pre_nms_top_k=1000,
                  post_nms_top_k=1000, min_size=0.0)  # fmt: skip
-    m.roi.update(min_level=3, max_level=6, output_size=7, sampling_ratio=2, canonical_size=112.0, canonical_level=4)
+    # mmdetection v1's RoI levels (P3 below 112 px: finest scale 56) and RoIAlign (end + 1, no minimum size).
+    m.roi.update(min_level=3, max_level=6, output_size=7, sampling_ratio=2, style="mmdet", canonical_size=56.0)
     m.box_head.update(num_convs=4, conv_filters=128, conv_bias=False, num_fcs=1, fc_dims=512, norm="batch",
                       fc_norm=False)  # fmt: skip
     m.mask_head.update(conv_filters=128, conv_bias=False, norm="batch", deconv_norm=False, sampling_ratio=2)

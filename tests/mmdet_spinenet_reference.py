@@ -67,6 +67,41 @@ Semantic differences from TF Model Garden's SpineNet + RetinaNet
     size = stride, centre ``(stride - 1) / 2``, rounded "+1" pixel boxes. Model Garden is
     scale-major with aspect = w/h. Box channel ``a * 4 + k`` is (dx, dy, dw, dh), stds 1.0,
     (Model Garden: dy, dx, dh, dw).
+
+Mask R-CNN (``build_mmdet_maskrcnn_spinenet``; configs ``configs/spinenet/mask_rcnn_spinenet_{49S_B_8gpu_640,
+49_B_8gpu_640,96_B_8gpu_1024,143_B_8gpu_1280}.py``: mmdet ``MaskRCNN``, ``neck=None``). Sources read, besides
+the files above: the seed's own ``mmdet/models/bbox_heads/convfc_bbox_head.py`` (yan-roo @ 75e08a0),
+``mmdet/models/bbox_heads/bbox_head.py``, ``anchor_heads/rpn_head.py``, ``roi_extractors/single_level.py``,
+``ops/roi_align/roi_align.py`` (Sense-X/TSD, Kenneth-Wong/MMSceneGraph: v1.x copies),
+``mask_heads/fcn_mask_head.py`` (open-mmlab/mmdetection @ 01132d8, the ``upsample_method`` version of v1.x) and
+``ops/roi_align/src/roi_align_kernel.cu`` (open-mmlab/mmdetection @ 108fc9e, MMSceneGraph ``ROIAlignForwardV1``:
+the same forward kernel). What they do:
+
+* State dict, in registration order: ``backbone.*``, ``rpn_head.{rpn_conv,rpn_cls,rpn_reg}``, ``bbox_head.fc_cls``,
+  ``bbox_head.fc_reg`` (created first by ``BBoxHead.__init__``, re-created with the fc width by
+  ``ConvFCBBoxHead.__init__`` in the same dict slot), ``bbox_head.shared_convs.{i}.{conv,bn}``,
+  ``bbox_head.shared_fcs.0``, ``mask_head.convs.{i}.{conv,bn}``, ``mask_head.upsample``, ``mask_head.conv_logits``.
+  RoI extractors and losses hold no parameters. Widths: 49S 128 channels / fc 512; 49, 96, 143 256 / fc 1024.
+* RPNHead.forward_single: ``relu(rpn_conv(x))`` (3x3, bias, no norm) -> ``rpn_cls`` (1x1, ``num_anchors * 1``
+  sigmoid logits, 3 anchors) and ``rpn_reg`` (1x1, ``num_anchors * 4``), on all five levels P3-P7.
+* ConvFCBBoxHead.forward (4 shared convs, 1 shared fc): ``x = conv(x)`` for each ConvModule (conv no bias ->
+  BN -> ReLU); ``x = x.flatten(1)`` (NCHW: feature index ``c * 49 + h * 7 + w``); ``x = relu(fc(x))`` for the
+  shared fc (no norm); ``cls_score = fc_cls(x)`` [K, num_classes] (softmax, index 0 = background),
+  ``bbox_pred = fc_reg(x)`` [K, 4 * num_classes] (class-specific, channel ``4 * c + k`` = (dx, dy, dw, dh)).
+* FCNMaskHead.forward: 4 ConvModules (3x3 pad 1, conv no bias -> BN -> ReLU); ``upsample`` =
+  ``nn.ConvTranspose2d(C, C, 2, stride=2)`` (bias, no norm) followed by ``relu`` (deconv only); ``conv_logits``
+  1x1 -> [K, num_classes, 28, 28].
+* SingleRoIExtractor (``finest_scale=56``, ``featmap_strides=[8, 16, 32, 64]``): the detector passes
+  ``x[:num_inputs]`` = P3-P6 only (P7 feeds only the RPN). Level ``floor(log2(sqrt((x2 - x1 + 1) * (y2 - y1 + 1))
+  / 56 + 1e-6))`` clamped to [0, 3], i.e. P3 < 112 px <= P4 < 224 <= P5 < 448 <= P6; one RoIAlign per level with
+  ``spatial_scale = 1 / stride``, results scattered back in RoI order.
+* RoIAlign(out_size, sample_num=2) with ``aligned`` absent / False = the legacy kernel ``ROIAlignForward(V1)``:
+  ``roi_start = x1 * scale``, ``roi_end = (x2 + 1) * scale``, ``roi_size = max(end - start, 0)`` (the comment says
+  "Force malformed ROIs to be 1x1" but the code clamps at 0), ``bin = size / pooled``, sample ``start + p * bin +
+  (i + 0.5) * bin / sample_num`` for i < sample_num on each axis, averaged over the ``sample_num ** 2`` samples;
+  bilinear: 0 if ``y < -1 or y > H`` (same for x), else ``y = max(y, 0)``, ``y_low = int(y)``, and at
+  ``y_low >= H - 1`` both neighbours are ``H - 1``. torchvision ``roi_align(aligned=False)`` differs only in
+  ``roi_end = x2 * scale`` and ``roi_size = max(end - start, 1)``.
 """
 
 from __future__ import annotations
@@ -416,3 +451,262 @@ def build_mmdet_spinenet_retinanet(
 def trainable_parameter_count(model: nn.Module) -> int:
     """As mmcv's ``get_model_parameters_number``: shared tower convs are counted once."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mask R-CNN (configs/spinenet/mask_rcnn_spinenet_*.py): MaskRCNN with neck=None, heads of mmdetection v1.1.
+
+# (conv channels = RPN / RoI head width, shared fc width) per config.
+MASKRCNN_HEAD_CONFIGS: dict[str, dict[str, int]] = {
+    "49S": dict(channels=128, fc_out_channels=512),  # mask_rcnn_spinenet_49S_B_8gpu_640.py
+    "49": dict(channels=256, fc_out_channels=1024),  # mask_rcnn_spinenet_49_B_8gpu_640.py
+    "96": dict(channels=256, fc_out_channels=1024),  # mask_rcnn_spinenet_96_B_8gpu_1024.py
+    "143": dict(channels=256, fc_out_channels=1024),  # mask_rcnn_spinenet_143_B_8gpu_1280.py
+}
+RPN_NUM_ANCHORS = 3  # anchor_scales [3] x anchor_ratios [0.5, 1, 2]
+ROI_FEATMAP_STRIDES = (8, 16, 32, 64)  # SingleRoIExtractor: P3-P6 only
+ROI_FINEST_SCALE = 56
+ROI_SAMPLE_NUM = 2
+BBOX_ROI_SIZE = 7
+MASK_ROI_SIZE = 14
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _roi_align_axis_weights(
+    start: torch.Tensor, bin_size: torch.Tensor, pooled: int, sample_num: int, size: int
+) -> torch.Tensor:
+    """[K] RoI starts / bin sizes on one axis -> [K, pooled, size]: the sample-averaged bilinear weights.
+
+    The legacy kernel's bilinear weight of a sample (y, x) is ``wy(y) * wx(x)`` and its out-of-range test is
+    ``y`` or ``x`` alone, so each output is ``sum_{h, w} Ay[p, h] * f[h, w] * Ax[q, w]``.
+    """
+    dtype = start.dtype
+    p = torch.arange(pooled, dtype=dtype, device=start.device)[None, :, None]
+    i = torch.arange(sample_num, dtype=dtype, device=start.device)[None, None, :]
+    s, b = start[:, None, None], bin_size[:, None, None]
+    coord = s + p * b + (i + 0.5) * b / sample_num  # [K, pooled, sample_num], the kernel's expression order
+    valid = (coord >= -1.0) & (coord <= size)
+    coord = coord.clamp(min=0.0)
+    low = coord.floor().long()
+    edge = low >= size - 1
+    low = torch.where(edge, torch.full_like(low, size - 1), low)
+    high = torch.where(edge, low, low + 1)
+    coord = torch.where(edge, low.to(dtype), coord)
+    frac = coord - low.to(dtype)
+    w_low = ((1.0 - frac) * valid)[..., None] * F.one_hot(low, size).to(dtype)
+    w_high = (frac * valid)[..., None] * F.one_hot(high, size).to(dtype)
+    return (w_low + w_high).sum(dim=2) / sample_num
+
+
+def mmdet_roi_align(
+    features: torch.Tensor,
+    rois: torch.Tensor,
+    out_size: int | tuple[int, int],
+    spatial_scale: float,
+    sample_num: int = ROI_SAMPLE_NUM,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """mmdetection v1 ``RoIAlign(aligned=False)`` (legacy CUDA kernel), vectorised in torch.
+
+    ``features`` [N, C, H, W]; ``rois`` [K, 5] = (batch index, x1, y1, x2, y2) in image pixels. ``roi_end`` is
+    ``(x2 + 1) * spatial_scale`` and the RoI size is clamped at 0 (torchvision: no +1, clamped at 1). Returns
+    [K, C, out_h, out_w]. Only ``sample_num > 0`` (fixed samples per bin axis) is supported.
+    """
+    if sample_num <= 0:
+        raise NotImplementedError("adaptive sampling (sample_num=0) is not implemented")
+    out_h, out_w = _pair(out_size)
+    _, channels, height, width = features.shape
+    out = features.new_zeros(rois.shape[0], channels, out_h, out_w)
+    if rois.shape[0] == 0:
+        return out
+    rois = rois.to(features.dtype)
+    scale = torch.tensor(spatial_scale, dtype=features.dtype, device=features.device)
+    start_w, start_h = rois[:, 1] * scale, rois[:, 2] * scale
+    end_w, end_h = (rois[:, 3] + 1) * scale, (rois[:, 4] + 1) * scale
+    bin_w = (end_w - start_w).clamp(min=0.0) / out_w
+    bin_h = (end_h - start_h).clamp(min=0.0) / out_h
+    a_y = _roi_align_axis_weights(start_h, bin_h, out_h, sample_num, height)  # [K, out_h, H]
+    a_x = _roi_align_axis_weights(start_w, bin_w, out_w, sample_num, width)  # [K, out_w, W]
+    batch = rois[:, 0].long()
+    for b in batch.unique().tolist():
+        sel = torch.nonzero(batch == b).squeeze(1)
+        for j in range(0, sel.numel(), chunk):
+            idx = sel[j : j + chunk]
+            rows = torch.einsum("kph,chw->kcpw", a_y[idx], features[b])
+            out[idx] = torch.einsum("kcpw,kqw->kcpq", rows, a_x[idx])
+    return out
+
+
+def map_roi_levels(rois: torch.Tensor, num_levels: int, finest_scale: float = ROI_FINEST_SCALE) -> torch.Tensor:
+    """SingleRoIExtractor.map_roi_levels: ``floor(log2(sqrt((w + 1)(h + 1)) / finest_scale + 1e-6))``, clamped."""
+    scale = torch.sqrt((rois[:, 3] - rois[:, 1] + 1) * (rois[:, 4] - rois[:, 2] + 1))
+    levels = torch.floor(torch.log2(scale / finest_scale + 1e-6))
+    return levels.clamp(min=0, max=num_levels - 1).long()
+
+
+class RPNHead(nn.Module):
+    """mmdet v1 RPNHead: ``relu(rpn_conv(x))`` -> 1x1 ``rpn_cls`` (A sigmoid logits) and ``rpn_reg`` (4A)."""
+
+    def __init__(self, in_channels: int, feat_channels: int, num_anchors: int = RPN_NUM_ANCHORS):
+        super().__init__()
+        self.rpn_conv = nn.Conv2d(in_channels, feat_channels, 3, padding=1)
+        self.rpn_cls = nn.Conv2d(feat_channels, num_anchors, 1)
+        self.rpn_reg = nn.Conv2d(feat_channels, num_anchors * 4, 1)
+
+    def forward(self, feats: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        cls_scores, bbox_preds = [], []
+        for x in feats:
+            x = F.relu(self.rpn_conv(x))
+            cls_scores.append(self.rpn_cls(x))
+            bbox_preds.append(self.rpn_reg(x))
+        return cls_scores, bbox_preds
+
+
+class ConvFCBBoxHead(nn.Module):
+    """mmdet v1 ConvFCBBoxHead with only a shared branch: ConvModules -> NCHW flatten -> relu(fc) -> cls / reg."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        conv_out_channels: int,
+        fc_out_channels: int,
+        num_classes: int,
+        num_shared_convs: int = 4,
+        num_shared_fcs: int = 1,
+        roi_feat_size: int = BBOX_ROI_SIZE,
+        bn_eps: float = BN_EPS,
+        bn_momentum: float = BN_MOMENTUM,
+    ):
+        super().__init__()
+        if num_shared_fcs < 1:
+            raise ValueError("only the shared-fc configuration (num_shared_fcs >= 1) is rebuilt")
+        norm = _NormCfg(bn_eps, bn_momentum)
+        # BBoxHead.__init__ registers fc_cls / fc_reg first; ConvFCBBoxHead replaces them in the same slot.
+        self.register_module("fc_cls", None)
+        self.register_module("fc_reg", None)
+        self.shared_convs = nn.ModuleList(
+            ConvModule(in_channels if i == 0 else conv_out_channels, conv_out_channels, 3, norm, padding=1)
+            for i in range(num_shared_convs)
+        )
+        last = conv_out_channels if num_shared_convs > 0 else in_channels
+        self.shared_fcs = nn.ModuleList(
+            nn.Linear(last * roi_feat_size * roi_feat_size if i == 0 else fc_out_channels, fc_out_channels)
+            for i in range(num_shared_fcs)
+        )
+        self.fc_cls = nn.Linear(fc_out_channels, num_classes)
+        self.fc_reg = nn.Linear(fc_out_channels, 4 * num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoI features [K, C, 7, 7] -> (cls_score [K, num_classes], bbox_pred [K, 4 * num_classes])."""
+        for conv in self.shared_convs:
+            x = conv(x)
+        x = x.flatten(1)
+        for fc in self.shared_fcs:
+            x = F.relu(fc(x))
+        return self.fc_cls(x), self.fc_reg(x)
+
+
+class FCNMaskHead(nn.Module):
+    """mmdet v1 FCNMaskHead: ConvModules -> relu(ConvTranspose2d 2x2/2) -> 1x1 conv_logits (per class)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        conv_out_channels: int,
+        num_classes: int,
+        num_convs: int = 4,
+        bn_eps: float = BN_EPS,
+        bn_momentum: float = BN_MOMENTUM,
+    ):
+        super().__init__()
+        norm = _NormCfg(bn_eps, bn_momentum)
+        self.convs = nn.ModuleList(
+            ConvModule(in_channels if i == 0 else conv_out_channels, conv_out_channels, 3, norm, padding=1)
+            for i in range(num_convs)
+        )
+        up_in = conv_out_channels if num_convs > 0 else in_channels
+        self.upsample = nn.ConvTranspose2d(up_in, conv_out_channels, 2, stride=2)
+        self.conv_logits = nn.Conv2d(conv_out_channels, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """RoI features [K, C, 14, 14] -> mask logits [K, num_classes, 28, 28]."""
+        for conv in self.convs:
+            x = conv(x)
+        return self.conv_logits(F.relu(self.upsample(x)))
+
+
+class MaskRCNN(nn.Module):
+    """mmdet v1 ``MaskRCNN`` (``neck=None``) for parity on fixed RoIs; eval-mode pieces, no proposal / NMS logic."""
+
+    def __init__(
+        self,
+        backbone: SpineNet,
+        rpn_head: RPNHead,
+        bbox_head: ConvFCBBoxHead,
+        mask_head: FCNMaskHead,
+        featmap_strides: tuple[int, ...] = ROI_FEATMAP_STRIDES,
+        finest_scale: float = ROI_FINEST_SCALE,
+        sample_num: int = ROI_SAMPLE_NUM,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.rpn_head = rpn_head
+        self.bbox_head = bbox_head
+        self.mask_head = mask_head
+        self.featmap_strides = tuple(featmap_strides)
+        self.finest_scale = finest_scale
+        self.sample_num = sample_num
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Images NCHW (H, W multiples of 128) -> [P3, P4, P5, P6, P7] (the backbone endpoints; no neck)."""
+        return self.backbone(images)
+
+    def rpn(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per level: (cls [N, 3, h, w] sigmoid logits, reg [N, 12, h, w]); channel ``a * 4 + k`` = (dx, dy, dw, dh)."""
+        return self.rpn_head(features)
+
+    def roi_features(
+        self, features: list[torch.Tensor], rois: torch.Tensor, out_size: int | tuple[int, int]
+    ) -> torch.Tensor:
+        """SingleRoIExtractor: ``rois`` [K, 5] (batch index, x1, y1, x2, y2) -> [K, C, out, out] from P3-P6."""
+        feats = features[: len(self.featmap_strides)]
+        out_h, out_w = _pair(out_size)
+        levels = map_roi_levels(rois, len(feats), self.finest_scale)
+        out = feats[0].new_zeros(rois.shape[0], feats[0].shape[1], out_h, out_w)
+        for i, (feat, stride) in enumerate(zip(feats, self.featmap_strides, strict=True)):
+            inds = levels == i
+            if inds.any():
+                out[inds] = mmdet_roi_align(feat, rois[inds], (out_h, out_w), 1.0 / stride, self.sample_num)
+        return out
+
+    def forward(self, images: torch.Tensor, rois: torch.Tensor) -> dict[str, Any]:
+        """Fixed-RoI pass: RPN outputs on all levels and box / mask head outputs on ``rois`` (the same RoIs)."""
+        feats = self.features(images)
+        rpn_cls, rpn_reg = self.rpn(feats)
+        cls_score, bbox_pred = self.bbox_head(self.roi_features(feats, rois, BBOX_ROI_SIZE))
+        mask_logits = self.mask_head(self.roi_features(feats, rois, MASK_ROI_SIZE))
+        return dict(rpn_cls=rpn_cls, rpn_reg=rpn_reg, cls_score=cls_score, bbox_pred=bbox_pred, mask_logits=mask_logits)
+
+
+def build_mmdet_maskrcnn_spinenet(
+    variant: str = "49S",
+    num_classes: int = 81,
+    *,
+    bn_eps: float = BN_EPS,
+    bn_momentum: float = BN_MOMENTUM,
+) -> MaskRCNN:
+    """The seed's Mask R-CNN SpineNet-``variant`` (49S/49/96/143); ``num_classes`` includes background (81)."""
+    if variant not in MASKRCNN_HEAD_CONFIGS:
+        raise ValueError(f"no Mask R-CNN config for SpineNet {variant!r}; choose from {sorted(MASKRCNN_HEAD_CONFIGS)}")
+    cfg = MASKRCNN_HEAD_CONFIGS[variant]
+    ch = cfg["channels"]
+    assert ch == SCALING_MAP[variant]["endpoints_num_filters"]
+    return MaskRCNN(
+        SpineNet(variant, bn_eps=bn_eps, bn_momentum=bn_momentum),
+        RPNHead(ch, ch),
+        ConvFCBBoxHead(ch, ch, cfg["fc_out_channels"], num_classes, bn_eps=bn_eps, bn_momentum=bn_momentum),
+        FCNMaskHead(ch, ch, num_classes, bn_eps=bn_eps, bn_momentum=bn_momentum),
+    )

@@ -304,3 +304,27 @@ def test_model_garden_style_matches_multilevel_crop_and_resize(output_size):
     # The torchvision semantics differ on the same boxes (negative control).
     tv = np.asarray(multilevel_roi_align(f32, boxes.astype(np.float32), output_size, sampling_ratio=1))
     assert np.max(np.abs(tv - theirs32)) > 1e-2
+
+
+def test_mmdet_style_matches_mmdetection_v1_extractor():
+    """style='mmdet' = mmdetection v1's SingleRoIExtractor (level floor(log2(sqrt((w+1)(h+1)) / 56 + 1e-6))
+    over P3-P6) + RoIAlign (end + 1): on RoIs of at least one feature pixel that is torchvision's
+    roi_align on [x1, y1, x2 + 1, y2 + 1] at the RoI's level, computed here with torch."""
+    rng = np.random.RandomState(12)
+    image = 512
+    features = {k: rng.normal(size=(1, image >> k, image >> k, CHANNELS)).astype(np.float32) for k in range(3, 7)}
+    size = np.exp(rng.uniform(np.log(8.0), np.log(700.0), (60, 2)))
+    corner = rng.uniform(-20, 480, (60, 2))
+    boxes = np.concatenate([corner, corner + size], -1).astype(np.float32)  # ymin, xmin, ymax, xmax
+    ours = np.asarray(
+        multilevel_roi_align(features, boxes[None], 7, sampling_ratio=2, style="mmdet", canonical_size=56.0)
+    )
+    t = torch.from_numpy(boxes)
+    scale = torch.sqrt((t[:, 3] - t[:, 1] + 1) * (t[:, 2] - t[:, 0] + 1))
+    levels = torch.floor(torch.log2(scale / 56.0 + 1e-6)).clamp(0, 3).long().numpy()
+    assert set(levels.tolist()) == {0, 1, 2, 3}
+    for i, (box, level) in enumerate(zip(boxes, levels, strict=True)):
+        fmap = torch.from_numpy(features[3 + level]).permute(0, 3, 1, 2)
+        roi = torch.tensor([[0.0, box[1], box[0], box[3] + 1.0, box[2] + 1.0]])
+        expected = torchvision.ops.roi_align(fmap, roi, 7, 2.0 ** -(3 + level), 2, aligned=False)
+        np.testing.assert_allclose(ours[0, i], expected[0].permute(1, 2, 0).numpy(), atol=1e-5)

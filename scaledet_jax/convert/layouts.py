@@ -144,12 +144,12 @@ LAYOUTS = {
         ),
         Layout(
             name="mmdet-spinenet",
-            description="mmdetection v1.1 SpineNet RetinaNet (yan-roo / lucifer443 SpineNet-Pytorch)",
+            description="mmdetection v1.1 SpineNet RetinaNet / Mask R-CNN (yan-roo / lucifer443 SpineNet-Pytorch)",
             source=mmdet_layout.spinenet_source,
             ignored=mmdet_layout.spinenet_ignored,
             model_options={**mmdet_layout.SPINENET_OPTIONS, **IMAGENET_RGB_INPUT},
             duplicates=mmdet_layout.head_duplicates,
-            options_from_state=mmdet_layout.retinanet_class_options,
+            options_from_state=mmdet_layout.spinenet_options,
             transform=mmdet_layout.predictor_transform,
         ),
         Layout(

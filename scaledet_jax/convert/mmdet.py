@@ -1,5 +1,5 @@
-"""mmdetection v1.1 checkpoints: the SpineNet RetinaNet of yan-roo / lucifer443 SpineNet-Pytorch and
-the EfficientDet of lucifer443 EfficientDet-Pytorch.
+"""mmdetection v1.1 checkpoints: the SpineNet RetinaNet and Mask R-CNN of yan-roo / lucifer443
+SpineNet-Pytorch and the EfficientDet of lucifer443 EfficientDet-Pytorch.
 
 SpineNet
 --------
@@ -16,6 +16,12 @@ Semantics (model options, set by the converter and stored with the converted che
 symmetric conv and max-pool padding, endpoints without activation, one max pool per resample
 (level 4 -> 7 is a single 5x5/4 pool), head tower convs without bias, sigmoid classes without a
 background output (80 COCO classes: output ``c`` is the ``c``-th COCO category id).
+
+Mask R-CNN (``neck=None``, so ``backbone.`` then ``rpn_head.{rpn_conv,rpn_cls,rpn_reg}``,
+``bbox_head.{shared_convs.{i}.{conv,bn},shared_fcs.{i},fc_cls,fc_reg}`` and
+``mask_head.{convs.{i}.{conv,bn},upsample,conv_logits}``): ``MASK_RCNN_OPTIONS`` plus the widths and
+classes read from the checkpoint; 81 classes with background 0 (output ``c >= 1`` is the ``c``-th COCO
+category id, ``category_ids``); mmdetection v1's RoI level rule and RoIAlign (``roi.style='mmdet'``).
 
 The predictors are permuted into our channel order on conversion: mmdetection orders a location's
 anchors ratio-major with ratio = h / w and encodes boxes as (dx, dy, dw, dh); Model Garden (and
@@ -110,9 +116,96 @@ def spinenet_source(state_keys, target_shapes: Mapping[str, Any], min_level: int
             return None
         if part == "head":
             return _head_key(local, leaf, min_level, separable=False)
+        if part in ("rpn_head", "box_head", "mask_head"):
+            return _two_stage_key(part, local, leaf)
         return None
 
     return source
+
+
+def _two_stage_key(part: str, local: Path, leaf: str) -> str | None:
+    """Our Mask R-CNN heads -> mmdetection v1.1 ``RPNHead`` / ``ConvFCBBoxHead`` / ``FCNMaskHead`` keys."""
+    name = local[0]
+    if part == "rpn_head":
+        module = {"conv": "rpn_conv", "objectness": "rpn_cls", "box": "rpn_reg"}.get(name)
+        return module and f"rpn_head.{module}.{leaf}"
+    m = re.fullmatch(r"conv(?:_norm)?_(\d+)", name)
+    if m:  # ConvModule: conv (no bias) + bn
+        head = "bbox_head.shared_convs" if part == "box_head" else "mask_head.convs"
+        return f"{head}.{m.group(1)}.{'bn' if '_norm_' in name else 'conv'}.{leaf}"
+    if part == "box_head":
+        m = re.fullmatch(r"fc_(\d+)", name)
+        if m:
+            return f"bbox_head.shared_fcs.{m.group(1)}.{leaf}"
+        module = {"class_logits": "fc_cls", "box_deltas": "fc_reg"}.get(name)
+        return module and f"bbox_head.{module}.{leaf}"
+    module = {"deconv": "upsample", "mask_logits": "conv_logits"}.get(name)
+    return module and f"mask_head.{module}.{leaf}"
+
+
+# The seed's Mask R-CNN (mmdetection v1.1 ``MaskRCNN``, neck None): RPN conv without norm; box head of
+# ConvModule convs (no bias, BN) and plain FCs; mask head of ConvModule convs and a plain transposed
+# conv; 81 classes with background 0; mmdetection v1's RoI levels (finest scale 56 px) and RoIAlign.
+MASK_RCNN_OPTIONS = {
+    "name": "mask_rcnn",
+    "background_slot": True,
+    "rpn.num_convs": 1,
+    "rpn.norm": "",
+    "roi.style": "mmdet",
+    "roi.canonical_size": 56.0,
+    "roi.output_size": 7,
+    "roi.sampling_ratio": 2,
+    "box_head.norm": "batch",
+    "box_head.conv_bias": False,
+    "box_head.fc_norm": False,
+    "box_head.class_agnostic_boxes": False,
+    "mask_head.norm": "batch",
+    "mask_head.conv_bias": False,
+    "mask_head.deconv_norm": False,
+    "mask_head.class_agnostic": False,
+    "mask_head.roi_output_size": 14,
+    "mask_head.sampling_ratio": 2,
+}
+
+
+def is_two_stage(keys) -> bool:
+    return "rpn_head.rpn_conv.weight" in keys
+
+
+def spinenet_options(state: Mapping[str, Any], config) -> dict[str, Any]:
+    """RetinaNet: classes from the predictor (``retinanet_class_options``). Mask R-CNN (the checkpoint has
+    ``rpn_head``): ``MASK_RCNN_OPTIONS`` with the widths, RoI levels and classes read from the state."""
+    if not is_two_stage(state.keys()):
+        return retinanet_class_options(state, config)
+    if config.model.name != "mask_rcnn" or "mask_head.conv_logits.weight" not in state:
+        raise UserError(
+            "the checkpoint is an mmdetection two-stage SpineNet (rpn_head, bbox_head"
+            f"{', mask_head' if 'mask_head.conv_logits.weight' in state else ''}); convert it with a Mask R-CNN "
+            "config, e.g. --config=configs/maskrcnn_spinenet49s.py"
+        )
+    classes = int(np.shape(state["bbox_head.fc_cls.weight"])[0])
+    convs = len([k for k in state if re.fullmatch(r"bbox_head\.shared_convs\.\d+\.conv\.weight", k)])
+    fcs = len([k for k in state if re.fullmatch(r"bbox_head\.shared_fcs\.\d+\.weight", k)])
+    mask_convs = len([k for k in state if re.fullmatch(r"mask_head\.convs\.\d+\.conv\.weight", k)])
+    anchors = int(np.shape(state["rpn_head.rpn_cls.weight"])[0])
+    a = config.model.anchor
+    if anchors != a.num_scales * len(a.aspect_ratios):
+        raise UserError(
+            f"rpn_head.rpn_cls predicts {anchors} anchors per location, the config "
+            f"{a.num_scales * len(a.aspect_ratios)}; set model.anchor to match the checkpoint"
+        )
+    return {
+        **MASK_RCNN_OPTIONS,
+        "num_classes": classes,
+        "category_ids": COCO_80_CATEGORY_IDS if classes == 81 else (),
+        "rpn.num_filters": int(np.shape(state["rpn_head.rpn_conv.weight"])[0]),
+        "box_head.num_convs": convs,
+        "box_head.conv_filters": int(np.shape(state["bbox_head.shared_convs.0.conv.weight"])[0]) if convs else 256,
+        "box_head.num_fcs": fcs,
+        "box_head.fc_dims": int(np.shape(state["bbox_head.shared_fcs.0.weight"])[0]) if fcs else 1024,
+        "mask_head.num_convs": mask_convs,
+        "mask_head.conv_filters": int(np.shape(state["mask_head.upsample.weight"])[1]),
+    }
 
 
 def _tower(kind: str) -> str:
@@ -191,6 +284,8 @@ def predictor_transform(config) -> Any:
     perm = anchor_permutation(a.num_scales, a.aspect_ratios)
 
     def transform(path: Path, array: np.ndarray) -> np.ndarray:
+        if path[0] == "params" and path[1] in ("rpn_head", "box_head", "mask_head"):
+            return _two_stage_transform(config, perm, path, array)
         if path[0] != "params" or path[1] != "head" or path[2] not in ("class_predict", "box_predict"):
             return array
         if "depthwise" in path:  # a separable predictor's depthwise channels are its inputs
@@ -202,6 +297,26 @@ def predictor_transform(config) -> Any:
         return grouped.reshape(array.shape)
 
     return transform
+
+
+def _two_stage_transform(config, perm: np.ndarray, path: Path, array: np.ndarray) -> np.ndarray:
+    """RPN predictors into our anchor order and box coding; the box head's class-specific deltas into
+    (dy, dx, dh, dw); the first FC's inputs from mmdetection's (c, y, x) flattening to ours (y, x, c);
+    the transposed conv's weight [in, out, kh, kw] (already [kh, kw, out, in]) to [kh, kw, in, out]."""
+    part, name = path[1], path[2]
+    if part == "rpn_head" and name in ("objectness", "box"):
+        per_anchor = 1 if name == "objectness" else 4
+        grouped = array.reshape(array.shape[:-1] + (len(perm), per_anchor))[..., perm, :]
+        return (grouped[..., _BOX_FROM_MMDET] if name == "box" else grouped).reshape(array.shape)
+    if part == "box_head" and name == "box_deltas":
+        return array.reshape(array.shape[:-1] + (-1, 4))[..., _BOX_FROM_MMDET].reshape(array.shape)
+    if part == "box_head" and name == "fc_0" and path[-1] == "kernel":
+        size = config.model.roi.output_size
+        channels = array.shape[0] // (size * size)
+        return array.reshape(channels, size, size, -1).transpose(1, 2, 0, 3).reshape(array.shape)
+    if part == "mask_head" and name == "deconv" and path[-1] == "kernel":
+        return array.transpose(0, 1, 3, 2)
+    return array
 
 
 def retinanet_class_options(state: Mapping[str, Any], config) -> dict[str, Any]:

@@ -143,13 +143,18 @@ def check_categories(model: ml_collections.ConfigDict, used: dict[int, int | Non
     """Every category id in ``used`` (id -> annotation count, or None when unknown) must have an output
     in the model's class layout, else it would train as background and still be scored as ground truth.
 
-    Layouts: ``background_slot`` (output c is category c, 0 background: ids 1..num_classes-1);
+    Layouts: ``background_slot`` (output c is category c, 0 background: ids 1..num_classes-1; with
+    ``category_ids`` output c >= 1 is category_ids[c - 1], mmdetection's two-stage heads);
     ``category_ids`` without background slot (output c is category_ids[c]); otherwise automl's
     (output c is category c + 1: ids 1..num_classes).
     """
     n = int(model.num_classes)
     ids = tuple(model.get("category_ids", ()) or ())
-    if model.get("background_slot", True):
+    if model.get("background_slot", True) and ids:  # two-stage mmdetection layout: output c is category_ids[c - 1]
+        covered = set(ids)
+        layout = f"model.category_ids has {len(ids)} ids (outputs 1..{len(ids)}, 0 background)"
+        needed = None
+    elif model.get("background_slot", True):
         covered = set(range(1, n))
         layout = f"model.num_classes={n} with the background slot 0 has outputs for ids 1..{n - 1}"
         needed = max(used) + 1
@@ -171,7 +176,10 @@ def check_categories(model: ml_collections.ConfigDict, used: dict[int, int | Non
     if bad[0] < 1 and not ids:
         fixes.append("number the categories from 1 (id 0 is background)")
     if needed is None:
-        fixes.append("add them to --config.model.category_ids (and set --config.model.num_classes to its length)")
+        plus = " + 1" if model.get("background_slot", True) else ""
+        fixes.append(
+            f"add them to --config.model.category_ids (and set --config.model.num_classes to its length{plus})"
+        )
     elif bad[-1] >= 1:
         fixes.append(f"set --config.model.num_classes={needed}")
     fix = " and ".join(fixes)

@@ -26,6 +26,11 @@ minimum RoI size, one bilinear sample per bin at ``start + (p + 0.5) * size / P`
 rule: the lower neighbour index is clamped to ``[0, H_l - 1]`` and the weights are taken from the
 clamped index, so samples above/left of the map extrapolate linearly from its first two rows and
 samples past its end read the last row with weight ``1 + d`` (no zero region).
+
+``style='mmdet'`` gives mmdetection v1's ``SingleRoIExtractor`` + RoIAlign (the SpineNet seed's Mask
+R-CNN): level ``floor(log2(sqrt((w + 1)(h + 1)) / finest + 1e-6))`` above the lowest level (``finest``
+= ``canonical_size``, 56 there), the RoI end at ``(x2 + 1) * scale`` and its size clamped at 0 instead
+of 1; sampling as torchvision's.
 """
 
 from __future__ import annotations
@@ -74,6 +79,15 @@ def model_garden_levels(boxes: Array, min_level: int, max_level: int) -> Array:
     level = jnp.floor(jnp.log(root / 224.0) / jnp.log(jnp.asarray(2.0, boxes.dtype))) + 4.0
     level = jnp.where(root > 0, level, min_level)  # log(0) = -inf; divide_no_nan gives 0 -> -inf too
     return jnp.clip(jnp.nan_to_num(level, nan=min_level), min_level, max_level).astype(jnp.int32)
+
+
+def mmdet_levels(boxes: Array, num_levels: int, finest_scale: float = 56.0) -> Array:
+    """mmdetection v1's ``SingleRoIExtractor.map_roi_levels``: index ``floor(log2(sqrt((w + 1)(h + 1)) /
+    finest_scale + 1e-6))`` into the levels, clamped to ``[0, num_levels - 1]``."""
+    boxes = boxes.astype(coordinate_dtype(boxes))
+    scale = jnp.sqrt((boxes[..., 2] - boxes[..., 0] + 1.0) * (boxes[..., 3] - boxes[..., 1] + 1.0))
+    level = jnp.floor(jnp.log2(scale / finest_scale + 1e-6))
+    return jnp.clip(jnp.nan_to_num(level, nan=0.0), 0, num_levels - 1).astype(jnp.int32)
 
 
 def coordinate_dtype(boxes: Array) -> jnp.dtype:
@@ -145,7 +159,12 @@ def _pool_chunk(table, boxes, base, height, width, scale, output_size, sampling_
     ``boxes`` [N, 4] pixels (ymin, xmin, ymax, xmax); ``base`` [N] int32 row of the RoI's (image,
     level) map in ``table``; ``height``/``width`` [N] int32 map size; ``scale`` [N] spatial scale.
     """
-    if style == "model_garden":
+    if style == "mmdet":
+        starts = _rounded(boxes[:, :2] * scale[:, None])
+        sizes = jnp.maximum(_rounded((boxes[:, 2:] + 1.0) * scale[:, None]) - starts, 0.0)
+        y_idx, y_w = _axis_samples(starts[:, 0], sizes[:, 0], height, output_size, sampling_ratio)
+        x_idx, x_w = _axis_samples(starts[:, 1], sizes[:, 1], width, output_size, sampling_ratio)
+    elif style == "model_garden":
         sampling_ratio = 1
         scaled = boxes * scale[:, None]  # a power of two: exact, as Model Garden's division by 2**level
         starts, sizes = scaled[:, :2], scaled[:, 2:] - scaled[:, :2]
@@ -285,8 +304,8 @@ def multilevel_roi_align(
     ``style='model_garden'``: Model Garden's level rule and sampling (module docstring; ``sampling_ratio``
     and ``aligned`` unused).
     """
-    if style not in ("torchvision", "model_garden"):
-        raise ValueError(f"RoIAlign style must be 'torchvision' or 'model_garden', got {style!r}")
+    if style not in ("torchvision", "model_garden", "mmdet"):
+        raise ValueError(f"RoIAlign style must be 'torchvision', 'model_garden' or 'mmdet', got {style!r}")
     output_size, sampling_ratio = _check_sizes(output_size, sampling_ratio)
     levels = sorted(features)
     if levels != list(range(levels[0], levels[-1] + 1)):
@@ -308,6 +327,8 @@ def multilevel_roi_align(
     flat_boxes = flat_boxes.astype(coordinate_dtype(flat_boxes))
     if style == "model_garden":
         which = model_garden_levels(flat_boxes, levels[0], levels[-1]) - levels[0]
+    elif style == "mmdet":
+        which = mmdet_levels(flat_boxes, len(levels), canonical_size)
     else:
         which = assign_levels(flat_boxes, levels[0], levels[-1], canonical_size, canonical_level) - levels[0]
     image = jnp.repeat(jnp.arange(batch, dtype=jnp.int32), num_rois)

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from scaledet_jax.models import build_model
 from scaledet_jax.models.faster_rcnn import rpn_anchors
@@ -30,6 +31,14 @@ def _flatten(per_level: dict[int, Array], size: int) -> Array:
     """{level: [B, H, W, A * size]} -> [B, N, size] in anchor order (size 1 drops the last axis)."""
     flat = jnp.concatenate([v.reshape(v.shape[0], -1, size) for _, v in sorted(per_level.items())], axis=1)
     return flat[..., 0] if size == 1 else flat
+
+
+def category_output_table(category_ids) -> np.ndarray:
+    """table[id] = output index (1-based, 0 background) of category ``id``; 0 for ids without an output."""
+    table = np.zeros(max(category_ids) + 1, np.int32)
+    for index, category in enumerate(category_ids, 1):
+        table[category] = index
+    return table
 
 
 @register_task("faster_rcnn")
@@ -53,7 +62,7 @@ class FasterRCNNTask:
 
     def losses_and_outputs(self, variables, batch, rng, train: bool = True):
         """(loss parts, new batch_stats, the model's training outputs)."""
-        gt = {k: batch[k] for k in self.batch_fields if k != "image"}
+        gt = self.ground_truth(batch)
         dropout_rng, sampling_rng, rpn_rng = jax.random.split(rng, 3)
         rngs = {"dropout": dropout_rng, "sampling": sampling_rng}
         if train:
@@ -108,7 +117,29 @@ class FasterRCNNTask:
         return parts, new_stats, outputs
 
     def predict(self, variables, images):
-        return self.detections(self.model.apply(variables, images, train=False))
+        return self.to_category_ids(self.detections(self.model.apply(variables, images, train=False)))
+
+    def ground_truth(self, batch: dict[str, Array]) -> dict[str, Array]:
+        """The batch's objects with classes as output indices: with ``model.category_ids`` (a converted
+        mmdetection model: output c >= 1 is category_ids[c - 1]) ids without an output are left out,
+        i.e. they train as background, as in the RetinaNet family; otherwise output c is category c."""
+        gt = {k: batch[k] for k in self.batch_fields if k != "image"}
+        ids = tuple(self.config.model.get("category_ids", ()) or ())
+        if ids:
+            table = jnp.asarray(category_output_table(ids))
+            known = (gt["classes"] > 0) & (gt["classes"] < table.shape[0])
+            classes = jnp.where(known, table[jnp.clip(gt["classes"], 0, table.shape[0] - 1)], 0)
+            gt["classes"] = classes
+            gt["valid"] = gt["valid"] & (classes > 0)
+        return gt
+
+    def to_category_ids(self, detections: dict[str, Array]) -> dict[str, Array]:
+        """Output indices -> category ids (identity unless ``model.category_ids``)."""
+        ids = tuple(self.config.model.get("category_ids", ()) or ())
+        if ids:
+            lookup = jnp.asarray((0, *ids), jnp.int32)
+            detections = {**detections, "classes": jnp.where(detections["valid"], lookup[detections["classes"]], 0)}
+        return detections
 
     def detections(self, outputs: dict[str, Any]) -> dict[str, Array]:
         """The box head's inference outputs -> fixed-shape detections (boxes in input pixels)."""

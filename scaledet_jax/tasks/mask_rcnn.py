@@ -43,10 +43,10 @@ class MaskRCNNTask(FasterRCNNTask):
         outputs = self.model.apply(variables, images, train=False)
         detections = self.detections(outputs)
         logits = self.model.apply(variables, outputs["features"], detections["boxes"], method="mask_outputs")
-        channel = detections["classes"][:, :, None, None, None]  # background slot: class id = channel
+        channel = detections["classes"][:, :, None, None, None]  # output index (category ids come after)
         selected = jnp.take_along_axis(logits, jnp.broadcast_to(channel, logits.shape[:-1] + (1,)), axis=-1)[..., 0]
         detections["masks"] = jnp.where(detections["valid"][:, :, None, None], jax.nn.sigmoid(selected), 0.0)
-        return detections
+        return self.to_category_ids(detections)
 
     def mask_logits_on(self, variables: dict[str, Any], images: Array, boxes: Array) -> Array:
         """Mask logits [B, D, 28, 28, C] on given ``boxes`` [B, D, 4] (input pixels): the parity tests' entry."""
