@@ -11,6 +11,10 @@ counted two ways; nothing is executed (parameters come from ``jax.eval_shape``):
   window element, reductions one per input element; batch norm counts nothing (TF runs it as a
   fused, unregistered op) and neither do sigmoid, relu, reshapes or resizes.
 * **XLA**: the compiled HLO's cost analysis, halved (counts batch norm and transcendentals too).
+
+Two-stage detectors count the RPN, proposal generation and the box head on every proposal; Mask R-CNN
+adds its mask head on ``MASK_ROIS`` (100, the detections per image) RoIs, as mmdetection's
+``get_flops`` (``forward_dummy``) counts the seeds' Mask R-CNN.
 """
 
 from __future__ import annotations
@@ -44,10 +48,21 @@ def params_by_module(params: Any) -> dict[str, int]:
     return {name: count_params(sub) for name, sub in params.items()}
 
 
+MASK_ROIS = 100
+
+
+def _forward(module: nn.Module, images: jax.Array) -> Any:
+    """The counted inference forward: the model's own, plus Mask R-CNN's mask head on ``MASK_ROIS`` RoIs."""
+    outputs = module(images, train=False)
+    if getattr(module, "mask_head", None) is not None:
+        outputs["mask_logits"] = module.mask_outputs(outputs["features"], outputs["rois"][:, :MASK_ROIS])
+    return outputs
+
+
 def inference_flops(model: nn.Module, variables: Any, image_size: int, batch_size: int = 1) -> float:
     """Multiply-adds of one inference forward at ``batch_size``, from XLA's cost analysis."""
     images = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
-    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    forward = jax.jit(lambda v, x: model.apply(v, x, method=_forward))
     cost = forward.lower(variables, images).compile().cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax returned one dict per device
         cost = cost[0]
@@ -70,7 +85,7 @@ def _sub_jaxprs(eqn) -> list[Any]:
 def tf_convention_flops(model: nn.Module, variables: Any, image_size: int, batch_size: int = 1) -> float:
     """Multiply-adds of one inference forward counted with TF profiler's rules (see module doc)."""
     images = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
-    closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images)
+    closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, method=_forward))(variables, images)
     # Batch-norm modules are the ones holding batch statistics; their ops are TF's fused BN.
     bn_scopes = {"/".join(path[:-1]) for path in _paths(variables.get("batch_stats", {}))}
 
