@@ -9,14 +9,29 @@ from model_garden import build_retinanet_spinenet, tf_profiler_multiply_adds
 
 from scaledet_jax.tools import profile
 
-# Published multiply-adds at 640 (SpineNet paper / legacy MODEL_ZOO).
-PUBLISHED_MACS = {"spinenet49": 85.4e9}
+# Published multiply-adds at 640 (SpineNet paper / legacy MODEL_ZOO); Mask R-CNN SpineNet-49S: the paper's
+# 60.2B (the seed's get_flops prints 63.77B).
+PUBLISHED_MACS = {"spinenet49": 85.4e9, "maskrcnn_spinenet49s": 60.2e9}
 
 
 def test_spinenet49_flops_within_3_percent_of_published():
     result = profile.profile(load_config("spinenet49"))
     assert result["image_size"] == 640
     assert abs(result["multiply_adds"] / PUBLISHED_MACS["spinenet49"] - 1) < 0.03
+
+
+def test_maskrcnn_spinenet49s_flops_within_3_percent_of_published():
+    """The seed's network (81 classes) at 640: backbone, RPN, proposals, the box head on 1000 proposals and
+    the mask head on 100 RoIs (mmdetection's get_flops), TF profiler rules (jaxpr only, nothing compiled)."""
+    from scaledet_jax.models import build_model
+
+    config = load_config("maskrcnn_spinenet49s")
+    config.model.num_classes = 81
+    model = build_model(config.model)
+    variables = profile.abstract_variables(model, 640)
+    assert profile.count_params(variables["params"]) == 13_916_084
+    macs = profile.tf_convention_flops(model, variables, 640)
+    assert abs(macs / PUBLISHED_MACS["maskrcnn_spinenet49s"] - 1) < 0.03, macs
 
 
 @pytest.mark.parametrize("config_name,model_id", [("spinenet49s", "49S"), ("spinenet49", "49")])
