@@ -117,6 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 462  # one COCO epoch at batch 256
     config.keep_checkpoints = 3
     config.eval_every_steps = 462
+    config.eval_pictures = 4  # eval images drawn to TensorBoard (ground truth | predictions) at each evaluation
     return config
 
 

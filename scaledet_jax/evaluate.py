@@ -4,7 +4,9 @@ Ground truth: when the data source has an annotation json (a COCO folder, the sy
 evaluation runs against that json as pycocotools would — every object, its annotation area and crowd
 flag, restricted to the images evaluated; otherwise (tfds) it is rebuilt from the evaluation batches
 (boxes mapped back to original image pixels). ``bbox`` metrics keep their plain names (AP, AP50, ...);
-when the detections carry masks, ``segm`` metrics follow as segm_AP, segm_AP50, ...
+when the detections carry masks, ``segm`` metrics follow as segm_AP, segm_AP50, ... Metrics pycocotools
+leaves undefined (-1: no ground truth in an area range) are NaN here and null in ``eval_<step>.json``,
+never 0; a per-class AP / AP50 table with category names goes to the json and the log.
 """
 
 from __future__ import annotations
@@ -124,31 +126,47 @@ class CocoEvaluator:
         ground_truth.createIndex()
         return ground_truth
 
+    def _placeholder(self, ground_truth, iou_type: str) -> list[dict]:
+        """One result at score 1e-9 on a 1-pixel box, so that pycocotools can score a run without detections:
+        AP / AR are then 0 wherever there is ground truth and undefined where there is none, as they should."""
+        image = ground_truth.dataset["images"][0]
+        category = sorted(ground_truth.getCatIds())[0] if ground_truth.getCatIds() else 1
+        result = {"image_id": image["id"], "category_id": category, "score": 1e-9}
+        if iou_type == "bbox":
+            return [{**result, "bbox": [0.0, 0.0, 1.0, 1.0]}]
+        from scaledet_jax.ops import masks as mask_ops
+
+        pixel = np.zeros((1, int(image.get("height", 1)), int(image.get("width", 1))), bool)
+        pixel[0, 0, 0] = True
+        return [{**result, "segmentation": mask_ops.encode_masks(pixel)[0]}]
+
     def evaluate(self, verbose: bool = False) -> dict[str, float]:
+        """COCO metrics: ``AP``, ``AP50``, ... (bbox) and ``segm_AP``, ... (segm) as floats, NaN where
+        pycocotools reports them undefined (-1: no ground truth in that area range). The per-class AP and
+        AP50 with category names go to ``self.per_class`` ({iou type: [{id, name, AP, AP50}]})."""
         from pycocotools.cocoeval import COCOeval
 
         results = {"bbox": self.detections}
         if self.with_masks or self.segmentations:
             results["segm"] = self.segmentations
         metrics: dict[str, float] = {}
+        self.per_class: dict[str, list[dict]] = {}
         with contextlib.redirect_stdout(io.StringIO()) as log:
             ground_truth = self._ground_truth()
             image_ids = sorted({image["id"] for image in self.images})
             for iou_type, found in results.items():
                 prefix = "" if iou_type == "bbox" else f"{iou_type}_"
-                if not found:
-                    metrics.update({prefix + name: 0.0 for name in METRIC_NAMES})
-                    continue
                 # loadRes adds fields (area, id, bbox, ...) to the dicts it is given: give it copies.
-                results_api = ground_truth.loadRes([dict(r) for r in found])
-                coco_eval = COCOeval(ground_truth, results_api, iouType=iou_type)
+                given = [dict(r) for r in found] or self._placeholder(ground_truth, iou_type)
+                coco_eval = COCOeval(ground_truth, ground_truth.loadRes(given), iouType=iou_type)
                 coco_eval.params.imgIds = image_ids
                 coco_eval.evaluate()
                 coco_eval.accumulate()
                 coco_eval.summarize()
                 metrics.update(
-                    {prefix + name: float(max(v, 0.0)) for name, v in zip(METRIC_NAMES, coco_eval.stats, strict=True)}
+                    {prefix + name: _defined(v) for name, v in zip(METRIC_NAMES, coco_eval.stats, strict=True)}
                 )
+                self.per_class[iou_type] = _per_class(coco_eval, ground_truth)
         if verbose:
             print(log.getvalue())
         return metrics
@@ -156,7 +174,15 @@ class CocoEvaluator:
     def write(self, workdir: str, step: int, metrics: dict[str, Any]) -> tuple[str, ...]:
         """``eval_<step>.json`` (metrics), ``detections_<step>.json`` (COCO bbox results) and, with masks,
         ``segmentations_<step>.json`` (COCO segm results, RLE), each written atomically."""
-        files = [("eval", {"step": step, **metrics}), ("detections", self.detections)]
+        undefined = sorted(k for k, v in metrics.items() if v != v)
+        summary = {"step": step, **{k: (None if v != v else v) for k, v in metrics.items()}}
+        if undefined:
+            summary["undefined"] = undefined
+            summary["note"] = "null: undefined (no ground truth in that area range), not 0"
+        for iou_type, rows in getattr(self, "per_class", {}).items():
+            key = "per_class" if iou_type == "bbox" else f"{iou_type}_per_class"
+            summary[key] = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in rows]
+        files = [("eval", summary), ("detections", self.detections)]
         if self.with_masks or self.segmentations:
             files.append(("segmentations", self.segmentations))
         paths = []
@@ -167,3 +193,37 @@ class CocoEvaluator:
             os.replace(path + ".tmp", path)
             paths.append(path)
         return tuple(paths)
+
+
+def _defined(value: float) -> float:
+    """pycocotools' -1 ("no ground truth in this range") as NaN."""
+    return float("nan") if value < 0 else float(value)
+
+
+def _per_class(coco_eval, ground_truth) -> list[dict]:
+    """AP (IoU .50:.95) and AP50 per category (all areas, 100 detections), NaN without ground truth."""
+    precision = coco_eval.eval["precision"]  # [IoU thresholds, recall points, categories, areas, max dets]
+    rows = []
+    for k, category in enumerate(coco_eval.params.catIds):
+        every = precision[:, :, k, 0, -1]
+        at50 = precision[0, :, k, 0, -1]
+        rows.append(
+            {
+                "id": int(category),
+                "name": str(ground_truth.cats.get(category, {}).get("name", category)),
+                "AP": float(np.mean(every[every > -1])) if np.any(every > -1) else float("nan"),
+                "AP50": float(np.mean(at50[at50 > -1])) if np.any(at50 > -1) else float("nan"),
+            }
+        )
+    return rows
+
+
+def format_per_class(rows: list[dict]) -> str:
+    """The per-class table for the log."""
+    width = max([len(r["name"]) for r in rows] + [8])
+    lines = [f"{'category':<{width}}  {'id':>4}  {'AP':>6}  {'AP50':>6}"]
+    for r in rows:
+        ap = "   n/a" if r["AP"] != r["AP"] else f"{r['AP']:6.3f}"
+        ap50 = "   n/a" if r["AP50"] != r["AP50"] else f"{r['AP50']:6.3f}"
+        lines.append(f"{r['name']:<{width}}  {r['id']:>4}  {ap}  {ap50}")
+    return "\n".join(lines)

@@ -105,6 +105,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     integer("checkpoint_every_steps", config.checkpoint_every_steps, 1)
     integer("eval_every_steps", config.eval_every_steps, 0, " (0 = evaluate only at the end)")
     integer("keep_checkpoints", config.keep_checkpoints, 1, " (how many of the newest checkpoints are kept)")
+    integer("eval_pictures", config.get("eval_pictures", 0), 0, " (eval images drawn to TensorBoard; 0 = none)")
     number("optim.base_learning_rate", o.base_learning_rate, 0)
     number("optim.warmup_learning_rate", o.warmup_learning_rate, 0)
     integer("optim.warmup_steps", o.warmup_steps, 0)
@@ -266,6 +267,7 @@ class Run:
         self.task = build_task(config)
         self.model = self.task.model
         self._predict = None  # the jitted predict function, compiled once per run
+        self.pictures: list[np.ndarray] = []
         self.builder = pipeline.get_builder(config, self.workdir)
         num_train = self.split_size("data.train_split")
         if num_train is None:  # a dataset without split sizes (tfds mock data): total_steps says how long
@@ -465,8 +467,9 @@ class Run:
 
     def evaluate(self, state: TrainState) -> dict[str, float]:
         from scaledet_jax.data import pipeline
-        from scaledet_jax.evaluate import CocoEvaluator, annotation_json
+        from scaledet_jax.evaluate import CocoEvaluator, annotation_json, format_per_class
 
+        self.pictures = []  # ground truth next to predictions for TensorBoard, a fixed handful of images
         params = state.ema_params if state.ema_params is not None else state.params
         variables = {"params": params, "batch_stats": state.batch_stats}
         if self._predict is None:
@@ -489,6 +492,8 @@ class Run:
             )
             evaluator.add_ground_truth(batch)
             evaluator.add_detections(batch, {k: v[local] for k, v in detections.items()})
+            if len(self.pictures) < self.config.get("eval_pictures", 0):
+                self.pictures += self._pictures(batch, {k: v[local] for k, v in detections.items()}, evaluator)
         metrics = evaluator.evaluate()
         step = int(state.step)
         if jax.process_index() == 0:
@@ -501,7 +506,32 @@ class Run:
                 _format(metrics, [k for k in metrics if k.removeprefix("segm_") in SHOWN_METRICS]),
                 ", ".join(paths),
             )
+            for iou_type, rows in evaluator.per_class.items():
+                logging.info("Per-class %s AP at step %d:\n%s", iou_type, step, format_per_class(rows))
         return metrics
+
+    def _pictures(self, batch, detections, evaluator) -> list[np.ndarray]:
+        from scaledet_jax.tools import visualize
+
+        if jax.process_index() != 0:
+            return []
+        names = {}
+        if evaluator.annotation_json:
+            from scaledet_jax.data import coco_folder
+
+            names = self._names = getattr(self, "_names", None) or coco_folder.category_names_from_json(
+                evaluator.annotation_json
+            )
+        spec = self.config.model.input
+        return visualize.eval_pictures(
+            batch,
+            detections,
+            tuple(spec.mean),
+            tuple(spec.std),
+            names,
+            self.config.eval_pictures - len(self.pictures),
+            bgr=spec.get("channels", "rgb") == "bgr",
+        )
 
 
 def _checkpoint_manager(directory: str, config: ml_collections.ConfigDict):
@@ -690,7 +720,18 @@ SHOWN_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the eval log line
 
 
 def _format(metrics: dict[str, float], keys) -> str:
-    return " ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
+    return " ".join(f"{k}={'n/a' if metrics[k] != metrics[k] else f'{metrics[k]:.4f}'}" for k in keys if k in metrics)
+
+
+def _write_pictures(writer, step: int, pictures: list[np.ndarray]) -> None:
+    """TensorBoard images ``eval/image_<i>``: ground truth (left) next to predictions (right)."""
+    if pictures:
+        writer.write_images(step, {f"eval/image_{i}": picture[None] for i, picture in enumerate(pictures)})
+
+
+def _defined_scalars(metrics: dict[str, float]) -> dict[str, float]:
+    """TensorBoard gets the defined metrics only (NaN: no ground truth in that range)."""
+    return {f"eval/{k}": v for k, v in metrics.items() if v == v}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluate: bool = True) -> dict[str, Any]:
@@ -780,7 +821,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluate
                 run.save(state, force=step in (run.total_steps, last_step_this_run))
             if evaluate and config.eval_every_steps and step % config.eval_every_steps == 0 and step != run.total_steps:
                 _raise_if_nonfinite(state, pending, run.checkpoints)
-                writer.write_scalars(step, {f"eval/{k}": v for k, v in run.evaluate(state).items()})
+                writer.write_scalars(step, _defined_scalars(run.evaluate(state)))
+                _write_pictures(writer, step, run.pictures)
     except KeyboardInterrupt:
         run.checkpoints.wait_until_finished()
         latest = run.checkpoints.latest_step()
@@ -800,7 +842,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluate
         return {"state": state, "eval": None}
     if evaluate:
         eval_metrics = run.evaluate(state)
-        writer.write_scalars(int(state.step), {f"eval/{k}": v for k, v in eval_metrics.items()})
+        writer.write_scalars(int(state.step), _defined_scalars(eval_metrics))
+        _write_pictures(writer, int(state.step), run.pictures)
     writer.flush()
     return {"state": state, "eval": eval_metrics}
 

@@ -184,9 +184,11 @@ def test_trains_and_evaluates_boxes_and_masks_through_the_main_job(tmp_path):
     result = train.train_and_evaluate(config, str(tmp_path))
     metrics = result["eval"]
     for prefix in ("", "segm_"):
-        assert all(0.0 <= metrics[prefix + k] <= 1.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
+        assert all(0.0 <= metrics[prefix + k] <= 1.0 for k in ("AP", "AP50", "AP75", "APs", "APm"))
+        assert np.isnan(metrics[prefix + "APl"])  # no large object in the synthetic images: undefined, not 0
     saved = json.load(open(tmp_path / "eval_2.json"))
-    assert saved["step"] == 2 and "segm_AP" in saved and "AP" in saved
+    assert saved["step"] == 2 and "segm_AP" in saved and "AP" in saved and saved["APl"] is None
+    assert {r["name"] for r in saved["segm_per_class"]} == {"circle", "square", "triangle"}
     boxes = json.load(open(tmp_path / "detections_2.json"))
     masks = json.load(open(tmp_path / "segmentations_2.json"))
     assert boxes and len(masks) == len(boxes)
@@ -199,3 +201,14 @@ def test_trains_and_evaluates_boxes_and_masks_through_the_main_job(tmp_path):
         assert tuple(mask["segmentation"]["size"]) == sizes[mask["image_id"]]
         assert isinstance(mask["segmentation"]["counts"], str)
     assert os.path.isdir(tmp_path / "checkpoints" / "2")
+    # TensorBoard: ground truth next to predictions for config.eval_pictures images at the evaluation.
+    import tensorflow as tf
+
+    images = {}
+    for path in tmp_path.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.tag.startswith("eval/image_"):  # tf.summary.image: [width, height, png]
+                    images[value.tag] = tf.io.decode_png(value.tensor.string_val[2]).numpy()
+    assert sorted(images) == [f"eval/image_{i}" for i in range(config.eval_pictures)]
+    assert all(p.shape[-1] == 3 and p.shape[1] > p.shape[0] for p in images.values())  # two panels side by side

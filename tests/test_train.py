@@ -207,3 +207,22 @@ def test_coco_recipe_without_data_gives_one_clear_line(tmp_path):
 def test_main_refuses_config_typos(tmp_path):
     result = _main("--config=configs/quickstart.py", f"--workdir={tmp_path}", "--config.optim.lerning_rate=1")
     assert result.returncode == 2 and "Did you mean" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_predict_is_compiled_once_per_run(tmp_path):
+    """Evaluating twice in one run traces (and so compiles) the predict function once (issue 13 item 4)."""
+    config = tiny_config(total_steps=1)
+    run = train.Run(config, str(tmp_path), needs_eval=True)
+    state = run.restore_or_init()
+    traces = []
+    predict = run.task.predict
+
+    def counted(variables, images):
+        traces.append(images.shape)  # runs at trace time only
+        return predict(variables, images)
+
+    run.task.predict = counted
+    first = run.evaluate(state)
+    second = run.evaluate(state)
+    assert len(traces) == 1
+    assert first["AP"] == second["AP"] and first["AR100"] == second["AR100"]

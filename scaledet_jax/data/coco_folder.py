@@ -836,3 +836,9 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
 
 def category_names(folder: str, split: str) -> dict[int, str]:
     return load_split(folder, split).categories
+
+
+def category_names_from_json(path: str) -> dict[int, str]:
+    """{category id: name} of a COCO json (no validation: the json was validated when prepared)."""
+    with open(path) as f:
+        return {int(c["id"]): str(c.get("name", c["id"])) for c in json.load(f).get("categories", [])}

@@ -42,7 +42,12 @@ def newest_results(workdir: str) -> str:
 
 
 def draw_detections(
-    image: np.ndarray, detections: list[dict], names: dict[int, str], score_threshold: float = 0.5, scale: int = 1
+    image: np.ndarray,
+    detections: list[dict],
+    names: dict[int, str],
+    score_threshold: float = 0.5,
+    scale: int = 1,
+    show_scores: bool = True,
 ) -> Image.Image:
     """``image`` [H, W, 3] uint8 with COCO results (``bbox`` [x, y, w, h], ``score``, ``category_id`` and
     optionally an RLE ``segmentation``) drawn on it: masks tinted at 50%, boxes, '<name> <score>' labels.
@@ -72,11 +77,59 @@ def draw_detections(
         else:
             x, y, w, h = (v * scale for v in mask_api.toBbox(d["segmentation"]))
         draw.rectangle([x, y, x + w, y + h], outline=colour, width=2)
-        label = f"{names.get(d['category_id'], d['category_id'])} {d['score']:.2f}"
+        label = str(names.get(d["category_id"], d["category_id"]))
+        if show_scores:
+            label += f" {d['score']:.2f}"
         left, top, right, bottom = draw.textbbox((x, y), label)
         draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=colour)
         draw.text((x, y), label, fill=(255, 255, 255))
     return picture
+
+
+def eval_pictures(
+    batch: dict[str, np.ndarray],
+    detections: dict[str, np.ndarray],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    names: dict[int, str],
+    count: int,
+    score_threshold: float = 0.3,
+    bgr: bool = False,
+) -> list[np.ndarray]:
+    """Ground truth (left) next to predictions (right) for the first ``count`` images of an eval batch, in
+    network pixels (the normalised input un-normalised and cut to the image's region): uint8 [H, 2W + 4, 3]."""
+    from scaledet_jax.evaluate import _xywh
+    from scaledet_jax.ops import masks as mask_ops
+
+    pictures = []
+    for i in range(min(count, len(batch["image_id"]))):
+        if batch["image_id"][i] < 0:
+            continue
+        h, w = (int(round(float(v) * float(batch["scale"][i]))) for v in batch["original_size"][i])
+        h, w = max(1, min(h, batch["image"].shape[1])), max(1, min(w, batch["image"].shape[2]))
+        pixels = batch["image"][i, :h, :w] * np.asarray(std) + np.asarray(mean)
+        pixels = np.clip(pixels[..., ::-1] if bgr else pixels, 0, 255).astype(np.uint8)
+        valid = batch["valid"][i]
+        truth = [
+            {"bbox": list(map(float, box)), "category_id": int(c), "score": 1.0}
+            for box, c in zip(_xywh(batch["boxes"][i][valid]), batch["classes"][i][valid], strict=True)
+        ]
+        keep = detections["valid"][i] & (detections["scores"][i] >= score_threshold)
+        boxes = detections["boxes"][i][keep]
+        found = [
+            {"bbox": list(map(float, box)), "category_id": int(c), "score": float(s)}
+            for box, c, s in zip(
+                _xywh(boxes), detections["classes"][i][keep], detections["scores"][i][keep], strict=True
+            )
+        ]
+        if "masks" in detections and len(found):
+            pasted = mask_ops.paste_masks(detections["masks"][i][keep], boxes, h, w)
+            for d, rle in zip(found, mask_ops.encode_masks(pasted), strict=True):
+                d["segmentation"] = rle
+        left = draw_detections(pixels, truth, names, 0.0, show_scores=False)
+        right = draw_detections(pixels, found, names, score_threshold)
+        pictures.append(np.asarray(grid([left, right], 2)))
+    return pictures
 
 
 def grid(pictures: list[Image.Image], columns: int) -> Image.Image:
