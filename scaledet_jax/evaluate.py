@@ -2,11 +2,13 @@
 
 Ground truth: when the data source has an annotation json (a COCO folder, the synthetic set) the
 evaluation runs against that json as pycocotools would — every object, its annotation area and crowd
-flag, restricted to the images evaluated; otherwise (tfds) it is rebuilt from the evaluation batches
-(boxes mapped back to original image pixels). ``bbox`` metrics keep their plain names (AP, AP50, ...);
-when the detections carry masks, ``segm`` metrics follow as segm_AP, segm_AP50, ... Metrics pycocotools
-leaves undefined (-1: no ground truth in an area range) are NaN here and null in ``eval_<step>.json``,
-never 0; a per-class AP / AP50 table with category names goes to the json and the log.
+flag, restricted to the images evaluated; for tfds (``coco/2017``) every object of the eval split
+with its stored area (``pipeline.tfds_ground_truth``, not the batches cut to ``max_instances``);
+without either it is rebuilt from the evaluation batches (boxes mapped back to original image
+pixels). ``bbox`` metrics keep their plain names (AP, AP50, ...); when the detections carry masks,
+``segm`` metrics follow as segm_AP, segm_AP50, ... Metrics pycocotools leaves undefined (-1: no
+ground truth in an area range) are NaN here and null in ``eval_<step>.json``, never 0; a per-class
+AP / AP50 table with category names goes to the json and the log.
 """
 
 from __future__ import annotations
@@ -46,8 +48,13 @@ class CocoEvaluator:
     """Accumulates detections (and ground truth, without a json) batch by batch; ``evaluate()`` runs
     COCOeval for ``bbox`` and, when masks were added, ``segm``."""
 
-    def __init__(self, annotation_json: str | None = None, with_masks: bool = False) -> None:
+    def __init__(
+        self, annotation_json: str | None = None, with_masks: bool = False, ground_truth: dict | None = None
+    ) -> None:
+        """``annotation_json``: the split's COCO json; ``ground_truth``: the same as a dict (tfds,
+        ``pipeline.tfds_ground_truth``); with neither, the ground truth is rebuilt from the batches."""
         self.annotation_json = annotation_json
+        self.ground_truth = ground_truth
         self.with_masks = with_masks  # segm metrics and results, even when no detection has been made
         self.images: list[dict] = []
         self.annotations: list[dict] = []
@@ -61,7 +68,7 @@ class CocoEvaluator:
                 continue
             height, width = (int(v) for v in batch["original_size"][i])
             self.images.append({"id": int(image_id), "height": height, "width": width})
-            if self.annotation_json:  # the json has the objects
+            if self.annotation_json or self.ground_truth:  # the json / dataset has the objects
                 continue
             valid = batch["valid"][i]
             boxes = _xywh(batch["boxes"][i][valid] / batch["scale"][i])
@@ -118,6 +125,10 @@ class CocoEvaluator:
         if self.annotation_json:
             return COCO(self.annotation_json)
         ground_truth = COCO()
+        if self.ground_truth:
+            ground_truth.dataset = self.ground_truth
+            ground_truth.createIndex()
+            return ground_truth
         ground_truth.dataset = {
             "images": self.images,
             "annotations": self.annotations,

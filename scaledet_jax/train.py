@@ -268,6 +268,7 @@ class Run:
         self.model = self.task.model
         self._predict = None  # the jitted predict function, compiled once per run
         self.pictures: list[np.ndarray] = []
+        self._ground_truth: dict | None = None  # a tfds eval split's objects, read once per run
         self.builder = pipeline.get_builder(config, self.workdir)
         num_train = self.split_size("data.train_split")
         if num_train is None:  # a dataset without split sizes (tfds mock data): total_steps says how long
@@ -477,8 +478,11 @@ class Run:
                 self.task.predict, in_shardings=(self.replicated, self.data_sharding), out_shardings=self.replicated
             )
         predict = self._predict
+        json_path = annotation_json(self.config, self.workdir)
+        if json_path is None and self.config.data.source == "tfds" and self._ground_truth is None:
+            self._ground_truth = pipeline.tfds_ground_truth(self.config, self.builder)  # once per run
         evaluator = CocoEvaluator(
-            annotation_json(self.config, self.workdir), with_masks=self.config.model.name == "mask_rcnn"
+            json_path, with_masks=self.config.model.name == "mask_rcnn", ground_truth=self._ground_truth
         )
         start = time.perf_counter()
         for batch in pipeline.eval_batches(
@@ -515,7 +519,7 @@ class Run:
 
         if jax.process_index() != 0:
             return []
-        names = {}
+        names = {c["id"]: c["name"] for c in (evaluator.ground_truth or {}).get("categories", [])}
         if evaluator.annotation_json:
             from scaledet_jax.data import coco_folder
 

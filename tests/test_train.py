@@ -42,7 +42,7 @@ def _repair_mock_boxes(dataset):
 
     def fix(example):
         objects = example["objects"]
-        n = tf.reduce_min([tf.shape(objects[k])[0] for k in ("bbox", "label", "is_crowd")])
+        n = tf.reduce_min([tf.shape(objects[k])[0] for k in ("bbox", "label", "is_crowd", "area") if k in objects])
         objects = {k: v[:n] for k, v in objects.items()}
         b = objects["bbox"]
         objects["bbox"] = tf.concat([tf.minimum(b[:, :2], b[:, 2:]), tf.maximum(b[:, :2], b[:, 2:])], axis=1)
@@ -226,3 +226,39 @@ def test_eval_predict_is_compiled_once_per_run(tmp_path):
     second = run.evaluate(state)
     assert len(traces) == 1
     assert first["AP"] == second["AP"] and first["AR100"] == second["AR100"]
+
+
+def test_tfds_ground_truth_has_every_object_with_its_stored_area(monkeypatch):
+    """tfds coco/2017 (mock): evaluation's ground truth is every object of the eval split with the dataset's
+    stored area and crowd flag (issue 13 item 1), not the preprocessed batches cut to max_instances."""
+    from scaledet_jax.data import pipeline, preprocess
+
+    config = load_config("spinenet49s")
+    config.data.max_instances = 1
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
+    with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+        mocked = tfds.core.DatasetBuilder.as_dataset
+        monkeypatch.setattr(
+            tfds.core.DatasetBuilder, "as_dataset", lambda self, *a, **k: _repair_mock_boxes(mocked(self, *a, **k))
+        )
+        builder = tfds.builder("coco/2017")
+        truth = pipeline.tfds_ground_truth(config, builder)
+        raw = list(tfds.as_numpy(builder.as_dataset(split=config.data.eval_split)))
+    assert [i["id"] for i in truth["images"]] == [int(e["image/id"]) for e in raw]
+    expected = []
+    for example in raw:
+        h, w = example["image"].shape[:2]
+        o = example["objects"]
+        for box, label, crowd, area in zip(o["bbox"], o["label"], o["is_crowd"], o["area"], strict=True):
+            expected.append(
+                (int(example["image/id"]), preprocess.COCO_80_TO_91[int(label)], int(crowd), float(area),
+                 [box[1] * w, box[0] * h, (box[3] - box[1]) * w, (box[2] - box[0]) * h])
+            )  # fmt: skip
+    assert max(len(e["objects"]["label"]) for e in raw) > config.data.max_instances
+    got = [(a["image_id"], a["category_id"], a["iscrowd"], a["area"], a["bbox"]) for a in truth["annotations"]]
+    assert len(got) == len(expected)
+    for (gi, gc, gcrowd, garea, gbox), (ei, ec, ecrowd, earea, ebox) in zip(got, expected, strict=True):
+        assert (gi, gc, gcrowd) == (ei, ec, ecrowd) and garea == pytest.approx(earea, rel=1e-6)
+        np.testing.assert_allclose(gbox, ebox, rtol=1e-5, atol=1e-4)
+    names = builder.info.features["objects"]["label"].names
+    assert all(c["name"] == names[preprocess.COCO_80_TO_91.index(c["id"])] for c in truth["categories"])

@@ -290,3 +290,51 @@ def eval_batches(
             batch = {k: np.concatenate([v, np.zeros((per_host - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
             batch["image_id"][n:] = -1
         yield batch
+
+
+def tfds_ground_truth(config: ml_collections.ConfigDict, builder) -> dict:
+    """The eval split of a tfds dataset as a COCO ground-truth dict (images, annotations, categories): every
+    object of every image, with the dataset's stored ``area`` (box area when it has none) and crowd flags,
+    not the preprocessed batches' (cut to ``data.max_instances``). Images are decoded only for their size."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    _hide_accelerators_from_tf()
+    data = config.data
+    mapping = label_map(data)
+    label = builder.info.features["objects"]["label"]
+    names = label.names if isinstance(label, tfds.features.ClassLabel) else None
+
+    def fields(example):
+        objects = example["objects"]
+        out = {
+            "id": example["image/id"],
+            "size": tf.shape(example["image"])[:2],
+            "bbox": objects["bbox"],
+            "label": objects["label"],
+            "crowd": objects["is_crowd"],
+        }
+        if "area" in objects:
+            out["area"] = tf.cast(objects["area"], tf.float64)
+        return out
+
+    ds = builder.as_dataset(split=data.eval_split, shuffle_files=False).map(fields, num_parallel_calls=tf.data.AUTOTUNE)
+    images, annotations, used = [], [], set()
+    for example in tfds.as_numpy(ds.prefetch(8)):
+        height, width = (int(v) for v in example["size"])
+        images.append({"id": int(example["id"]), "height": height, "width": width})
+        boxes = np.asarray(example["bbox"], np.float64).reshape(-1, 4) * [height, width, height, width]
+        for j, (box, cls, crowd) in enumerate(zip(boxes, example["label"], example["crowd"], strict=True)):
+            category = int(mapping[int(cls)] if mapping else cls)
+            w, h = float(box[3] - box[1]), float(box[2] - box[0])
+            area = float(example["area"][j]) if "area" in example else w * h
+            used.add((category, int(cls)))
+            annotations.append(
+                {"id": len(annotations) + 1, "image_id": int(example["id"]), "category_id": category,
+                 "bbox": [float(box[1]), float(box[0]), w, h], "area": area, "iscrowd": int(crowd)}
+            )  # fmt: skip
+    categories = [
+        {"id": category, "name": names[index] if names and 0 <= index < len(names) else str(category)}
+        for category, index in sorted(used)
+    ]
+    return {"images": images, "annotations": annotations, "categories": categories}
