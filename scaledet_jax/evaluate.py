@@ -137,19 +137,21 @@ class CocoEvaluator:
         ground_truth.createIndex()
         return ground_truth
 
-    def _placeholder(self, ground_truth, iou_type: str) -> list[dict]:
-        """One result at score 1e-9 on a 1-pixel box, so that pycocotools can score a run without detections:
-        AP / AR are then 0 wherever there is ground truth and undefined where there is none, as they should."""
-        image = ground_truth.dataset["images"][0]
-        category = sorted(ground_truth.getCatIds())[0] if ground_truth.getCatIds() else 1
-        result = {"image_id": image["id"], "category_id": category, "score": 1e-9}
-        if iou_type == "bbox":
-            return [{**result, "bbox": [0.0, 0.0, 1.0, 1.0]}]
-        from scaledet_jax.ops import masks as mask_ops
+    @staticmethod
+    def _no_results(ground_truth):
+        """An empty results set (pycocotools' ``loadRes`` refuses an empty list): AP / AR are then 0 wherever
+        there is ground truth and undefined where there is none, as they should be."""
+        from pycocotools.coco import COCO
 
-        pixel = np.zeros((1, int(image.get("height", 1)), int(image.get("width", 1))), bool)
-        pixel[0, 0, 0] = True
-        return [{**result, "segmentation": mask_ops.encode_masks(pixel)[0]}]
+        empty = COCO()
+        empty.dataset = {
+            "images": list(ground_truth.dataset["images"]),
+            "categories": list(ground_truth.dataset.get("categories", [])),
+            "annotations": [],
+        }
+        with contextlib.redirect_stdout(io.StringIO()):
+            empty.createIndex()
+        return empty
 
     def evaluate(self, verbose: bool = False) -> dict[str, float]:
         """COCO metrics: ``AP``, ``AP50``, ... (bbox) and ``segm_AP``, ... (segm) as floats, NaN where
@@ -168,8 +170,11 @@ class CocoEvaluator:
             for iou_type, found in results.items():
                 prefix = "" if iou_type == "bbox" else f"{iou_type}_"
                 # loadRes adds fields (area, id, bbox, ...) to the dicts it is given: give it copies.
-                given = [dict(r) for r in found] or self._placeholder(ground_truth, iou_type)
-                coco_eval = COCOeval(ground_truth, ground_truth.loadRes(given), iouType=iou_type)
+                if found:
+                    results_api = ground_truth.loadRes([dict(r) for r in found])
+                else:
+                    results_api = self._no_results(ground_truth)
+                coco_eval = COCOeval(ground_truth, results_api, iouType=iou_type)
                 coco_eval.params.imgIds = image_ids
                 coco_eval.evaluate()
                 coco_eval.accumulate()

@@ -98,7 +98,7 @@ def test_ground_truth_rebuilt_from_batches_differs(evaluation):
 
 def test_no_detections_give_zero_where_defined_and_undefined_elsewhere(evaluation):
     evaluator = CocoEvaluator(evaluation["json"])
-    for batch in evaluation["batches"]:
+    for batch in evaluation["batches"][1:]:  # not every image of the json is evaluated (e.g. another host's)
         evaluator.add_ground_truth(batch)
     metrics = evaluator.evaluate()
     assert metrics["AP"] == 0.0 and metrics["AR100"] == 0.0 and np.isnan(metrics["APl"])
