@@ -21,47 +21,22 @@ ids; the seed's mmdetection-v1 anchors and box decoding ((stride - 1) / 2 centre
 widths) are not reproduced yet, so decoded boxes differ by up to ~1 px from mmdetection's.
 """
 
-import ml_collections
-
 from scaledet_jax import defaults
 
 
 def get_config():
-    config = defaults.maskrcnn_config()
-    quick = defaults.get_config()
+    config = defaults.maskrcnn_spinenet_config("49S")  # Model Garden's network, then the seed's differences
     m = config.model
-    m.image_size = 640
-    m.min_level, m.max_level = 3, 7
-    m.activation = "relu"
-    m.conv_padding = m.pool_padding = "same"
-    m.norm = ml_collections.ConfigDict(dict(momentum=0.99, epsilon=1e-3))
-    m.backbone = quick.model.backbone
-    m.backbone.model_id = "49S"
-    m.backbone.stochastic_depth_rate = 0.0
-    m.decoder = ml_collections.ConfigDict(dict(name="none"))
-    m.anchor.update(
-        num_scales=1, aspect_ratios=(0.5, 1.0, 2.0), anchor_size=3.0, center_offset=0.5, round_base=False,
-        integer_stride=False,
-    )  # fmt: skip
-    m.rpn.update(num_filters=128, norm="", pre_nms_top_k_train=2000, post_nms_top_k_train=2000, pre_nms_top_k=1000,
-                 post_nms_top_k=1000, min_size=0.0)  # fmt: skip
+    m.rpn.update(num_filters=128, norm="", post_nms_top_k_train=2000)
     # mmdetection v1's RoI levels (P3 below 112 px: finest scale 56) and RoIAlign (end + 1, no minimum size).
-    m.roi.update(min_level=3, max_level=6, output_size=7, sampling_ratio=2, style="mmdet", canonical_size=56.0)
-    m.box_head.update(num_convs=4, conv_filters=128, conv_bias=False, num_fcs=1, fc_dims=512, norm="batch",
-                      fc_norm=False)  # fmt: skip
-    m.mask_head.update(conv_filters=128, conv_bias=False, norm="batch", deconv_norm=False, sampling_ratio=2)
-    config.loss.update(style="torchvision", rpn_smooth_l1_beta=1.0 / 9.0, roi_smooth_l1_beta=1.0, l2_weight_decay=4e-5)
-    d = config.data
-    d.source = "coco_folder"
-    d.train_split, d.eval_split = "train2017", "val2017"
-    d.train_batch_size = 128
-    d.aug_scale_min, d.aug_scale_max = 0.5, 2.0
+    m.roi.update(max_level=6, sampling_ratio=2, style="mmdet", canonical_size=56.0)
+    m.box_head.update(conv_filters=128, conv_bias=False, fc_dims=512, fc_norm=False)
+    m.mask_head.update(conv_filters=128, conv_bias=False, deconv_norm=False, sampling_ratio=2, num_samples=0)
+    config.loss.style = "torchvision"
+    config.data.train_batch_size = 128
     o = config.optim
-    o.frozen = ()
     o.base_learning_rate = 0.14 * 256 / 128  # lr 0.14 at batch 128
-    o.decay_epochs = (320, 340)
     o.warmup_steps = 4000
     o.warmup_learning_rate = 0.014
-    config.num_epochs = 350
     config.checkpoint_every_steps = config.eval_every_steps = defaults.COCO_TRAIN_EXAMPLES // 128
     return config

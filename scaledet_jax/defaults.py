@@ -355,3 +355,47 @@ def maskrcnn_config() -> ml_collections.ConfigDict:
     config.loss.mask_weight = 1.0
     config.data.mask_crop_size = 112  # ground-truth masks carried cropped to their boxes (Model Garden's parser)
     return config
+
+
+def maskrcnn_spinenet_config(model_id: str = "49") -> ml_collections.ConfigDict:
+    """TF Model Garden's ``maskrcnn_spinenet_coco`` network and recipe for SpineNet-``model_id``
+    (configs/maskrcnn_spinenet49.py describes it)."""
+    config = maskrcnn_config()
+    quick = get_config()  # Model Garden's SpineNet settings
+    m = config.model
+    m.image_size = 640
+    m.min_level, m.max_level = 3, 7
+    m.activation = "relu"
+    m.conv_padding = m.pool_padding = "same"
+    m.norm = ml_collections.ConfigDict(dict(momentum=0.99, epsilon=1e-3))
+    m.backbone = quick.model.backbone
+    m.backbone.model_id = model_id
+    m.backbone.stochastic_depth_rate = 0.0
+    m.decoder = ml_collections.ConfigDict(dict(name="none"))
+    m.anchor.update(
+        num_scales=1, aspect_ratios=(0.5, 1.0, 2.0), anchor_size=3.0, center_offset=0.5, round_base=False,
+        integer_stride=False,
+    )  # fmt: skip
+    m.rpn.update(norm="batch", pre_nms_top_k_train=2000, post_nms_top_k_train=1000, pre_nms_top_k=1000,
+                 post_nms_top_k=1000, min_size=0.0)  # fmt: skip
+    m.roi.update(min_level=3, max_level=7, output_size=7, style="model_garden")
+    m.box_head.update(num_convs=4, conv_filters=256, num_fcs=1, fc_dims=1024, norm="batch")
+    m.mask_head.update(norm="batch", num_samples=128)
+    m.detection.update(pre_nms_top_k=5000, score_threshold=0.05, nms_iou_threshold=0.5, max_detections=100)
+
+    config.loss.update(style="model_garden", rpn_smooth_l1_beta=1.0 / 9.0, roi_smooth_l1_beta=1.0, l2_weight_decay=4e-5)
+    d = config.data
+    d.source = "coco_folder"
+    d.train_split, d.eval_split = "train2017", "val2017"
+    d.train_batch_size = 256
+    d.aug_scale_min, d.aug_scale_max = 0.5, 2.0
+    d.mask_crop_size = 112
+    o = config.optim
+    o.frozen = ()
+    o.base_learning_rate = 0.32
+    o.decay_epochs = (320, 340)
+    o.warmup_steps = 2000
+    o.warmup_learning_rate = 0.0067
+    config.num_epochs = 350
+    config.checkpoint_every_steps = config.eval_every_steps = COCO_TRAIN_EXAMPLES // 256
+    return config
