@@ -21,6 +21,15 @@ from scaledet_jax import nn as snn
 Array = jax.Array
 
 
+def _normalise(head: nn.Module, y: Array, name: str, train: bool) -> Array:
+    """The head's batch norm ``name`` on ``y`` when ``head.norm == 'batch'``, else ``y``."""
+    if head.norm != "batch":
+        return y
+    return snn.batch_norm(head.bn_momentum, head.bn_epsilon, dtype=head.dtype, name=name)(
+        y, use_running_average=not train
+    )
+
+
 class BoxHead(nn.Module):
     num_classes: int
     num_convs: int = 0
@@ -47,11 +56,7 @@ class BoxHead(nn.Module):
         x = roi_features.reshape((batch * rois,) + roi_features.shape[2:])
 
         def normalise(y, name):
-            if self.norm != "batch":
-                return y
-            return snn.batch_norm(self.bn_momentum, self.bn_epsilon, dtype=self.dtype, name=name)(
-                y, use_running_average=not train
-            )
+            return _normalise(self, y, name, train)
 
         for i in range(self.num_convs):
             x = snn.conv(
@@ -123,11 +128,7 @@ class MaskHead(nn.Module):
         kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
         def normalise(y, name):
-            if self.norm != "batch":
-                return y
-            return snn.batch_norm(self.bn_momentum, self.bn_epsilon, dtype=self.dtype, name=name)(
-                y, use_running_average=not train
-            )
+            return _normalise(self, y, name, train)
 
         for i in range(self.num_convs):
             x = snn.conv(

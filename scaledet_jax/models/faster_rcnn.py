@@ -128,20 +128,23 @@ class FasterRCNN(nn.Module):
             score_threshold=p.score_threshold,
         )
 
-    def roi_outputs(self, features: dict[int, Array], rois: Array, train: bool = False) -> tuple[Array, Array]:
-        """Box-head class logits [B, R, C] and deltas [B, R, 4C] on ``rois`` [B, R, 4] (input pixels)."""
+    def pool(self, features: dict[int, Array], rois: Array, output_size: int, sampling_ratio: int) -> Array:
+        """Multilevel RoIAlign of ``rois`` [B, R, 4] (input pixels) with the ``roi`` settings -> [B, R, P, P, C]."""
         r = self.roi
-        pooled = roi_align.multilevel_roi_align(
+        return roi_align.multilevel_roi_align(
             {k: features[k] for k in range(r.min_level, r.max_level + 1)},
             rois,
-            r.output_size,
-            sampling_ratio=r.sampling_ratio,
+            output_size,
+            sampling_ratio=sampling_ratio,
             aligned=r.aligned,
             canonical_size=r.canonical_size,
             canonical_level=r.canonical_level,
             style=r.style,
         )
-        return self.box_head(pooled, train=train)
+
+    def roi_outputs(self, features: dict[int, Array], rois: Array, train: bool = False) -> tuple[Array, Array]:
+        """Box-head class logits [B, R, C] and deltas [B, R, 4C] on ``rois`` [B, R, 4] (input pixels)."""
+        return self.box_head(self.pool(features, rois, self.roi.output_size, self.roi.sampling_ratio), train=train)
 
     def sample_rois(self, proposals: Array, valid: Array, gt: dict[str, Array]) -> dict[str, Array]:
         r = self.roi

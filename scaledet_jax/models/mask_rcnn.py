@@ -20,7 +20,6 @@ import jax.numpy as jnp
 
 from scaledet_jax.models.faster_rcnn import FasterRCNN
 from scaledet_jax.ops import masks as mask_ops
-from scaledet_jax.ops import roi_align
 
 Array = jax.Array
 
@@ -43,17 +42,7 @@ class MaskRCNN(FasterRCNN):
 
     def mask_outputs(self, features: dict[int, Array], boxes: Array, train: bool = False) -> Array:
         """Mask logits [B, D, 2P, 2P, C] on ``boxes`` [B, D, 4] (input pixels)."""
-        r, m = self.roi, self.mask
-        pooled = roi_align.multilevel_roi_align(
-            {k: features[k] for k in range(r.min_level, r.max_level + 1)},
-            boxes,
-            m.output_size,
-            sampling_ratio=m.sampling_ratio,
-            aligned=r.aligned,
-            canonical_size=r.canonical_size,
-            canonical_level=r.canonical_level,
-            style=r.style,
-        )
+        pooled = self.pool(features, boxes, self.mask.output_size, self.mask.sampling_ratio)
         return self.mask_head(pooled, train=train)
 
     def num_mask_samples(self) -> int:
