@@ -9,10 +9,11 @@ from scaledet_jax.ops import anchors as anchor_ops
 from scaledet_jax.ops import box_coder
 
 
-def numpy_reference_anchors(level, num_scales, ratios, anchor_size, image_size):
+def numpy_reference_anchors(level, num_scales, ratios, anchor_size, image_size, stride=None):
     """Written out anchor by anchor, independent of the vectorised implementation."""
     h, w = image_size
-    fh, fw = math.ceil(h / 2**level), math.ceil(w / 2**level)
+    stride = 2**level if stride is None else stride
+    fh, fw = math.ceil(h / stride), math.ceil(w / stride)
     sy, sx = h / fh, w / fw
     out = np.zeros((fh, fw, num_scales * len(ratios) * 4))
     for i in range(fh):
@@ -35,6 +36,20 @@ def test_anchors_match_numpy_reference(image_size):
         ref = numpy_reference_anchors(level, 3, [0.5, 1.0, 2.0], 3.0, image_size)
         assert boxes.shape == ref.shape
         np.testing.assert_allclose(boxes, ref, rtol=1e-6, atol=1e-3)
+
+
+def test_anchors_with_explicit_strides_match_numpy_reference():
+    """DetNet's levels 4..6 share stride 16: the grid follows the stride, the anchor size the level."""
+    for level, stride in ((2, 4), (4, 16), (5, 16), (6, 16)):
+        got = anchor_ops.level_anchors(level, 1, [0.5, 1.0, 2.0], 8.0, (96, 128), stride=stride)
+        ref = numpy_reference_anchors(level, 1, [0.5, 1.0, 2.0], 8.0, (96, 128), stride=stride)
+        assert got.shape == ref.shape == (math.ceil(96 / stride), 128 // stride, 12)
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-4)
+    # The default is 2**level.
+    np.testing.assert_array_equal(
+        anchor_ops.level_anchors(5, 1, [1.0], 8.0, (128, 128), stride=32),
+        anchor_ops.level_anchors(5, 1, [1.0], 8.0, (128, 128)),
+    )
 
 
 def test_anchors_match_model_garden():

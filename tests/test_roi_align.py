@@ -214,6 +214,29 @@ def test_multilevel_aligned_matches_torchvision_per_level(pyramid):
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5, rtol=0)
 
 
+def test_multilevel_with_explicit_strides_matches_torchvision_per_level(pyramid):
+    """DetNet's pyramid: levels 4 and 5 both at stride 16. Each RoI is pooled from its mapped level (the
+    level rule is unchanged) with that level's own spatial scale, as torchvision's roi_align on that map."""
+    _, boxes = pyramid[:2]
+    strides = {2: 4, 3: 8, 4: 16, 5: 16}
+    rng = np.random.RandomState(5)
+    features = {
+        level: rng.normal(size=(2, IMAGE // stride, IMAGE // stride, CHANNELS)).astype(np.float32)
+        for level, stride in strides.items()
+    }
+    rois = _to_torch_rois(boxes)
+    levels = initLevelMapper(2, 5)([torch.from_numpy(b[:, [1, 0, 3, 2]]) for b in boxes]).numpy() + 2
+    assert set(levels.ravel()) == {2, 3, 4, 5}
+    expected = np.zeros((len(rois), CHANNELS, 7, 7), np.float32)
+    for level, fmap in features.items():
+        pooled = torchvision.ops.roi_align(_nchw(fmap), rois, 7, 1.0 / strides[level], 2)
+        expected[levels == level] = pooled.detach().numpy()[levels == level]
+    expected = expected.transpose(0, 2, 3, 1).reshape(2, -1, 7, 7, CHANNELS)
+    pool = jax.jit(functools.partial(multilevel_roi_align, output_size=7, sampling_ratio=2, strides=strides))
+    got = pool({k: jnp.asarray(v) for k, v in features.items()}, jnp.asarray(boxes))
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5, rtol=0)
+
+
 def test_gradient_wrt_boxes_is_finite_for_degenerate_boxes(pyramid):
     features, boxes = pyramid[:2]
     feats = {k: jnp.asarray(v) for k, v in features.items()}

@@ -67,8 +67,10 @@ class RoISettings:
     box_weights: tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
 
 
-def rpn_anchors(image_size: int, min_level: int, max_level: int, a: AnchorSettings) -> dict[int, np.ndarray]:
-    """{level: [H_l, W_l, A * 4]} anchors of the RPN."""
+def rpn_anchors(
+    image_size: int, min_level: int, max_level: int, a: AnchorSettings, strides: dict[int, int] | None = None
+) -> dict[int, np.ndarray]:
+    """{level: [H_l, W_l, A * 4]} anchors of the RPN (``strides``: per-level feature strides, default 2**level)."""
     return {
         level: anchor_ops.level_anchors(
             level,
@@ -79,6 +81,7 @@ def rpn_anchors(image_size: int, min_level: int, max_level: int, a: AnchorSettin
             center_offset=a.center_offset,
             round_base=a.round_base,
             integer_stride=a.integer_stride,
+            stride=None if strides is None else strides[level],
         )
         for level in range(min_level, max_level + 1)
     }
@@ -103,6 +106,24 @@ class FasterRCNN(nn.Module):
     anchor: AnchorSettings = AnchorSettings()
     proposals: ProposalSettings = ProposalSettings()
     roi: RoISettings = RoISettings()
+    # Feature stride of each level min_level..max_level; None: 2**level. DetNet: (4, 8, 16, 16, 16).
+    feature_strides: tuple[int, ...] | None = None
+
+    def level_strides(self) -> dict[int, int]:
+        """{level: feature stride} of the RPN levels."""
+        levels = range(self.min_level, self.max_level + 1)
+        if self.feature_strides is None:
+            return {level: 2**level for level in levels}
+        if len(self.feature_strides) != len(levels):
+            raise ValueError(
+                f"model.feature_strides {tuple(self.feature_strides)} must give one stride per level "
+                f"{self.min_level}..{self.max_level}"
+            )
+        return dict(zip(levels, self.feature_strides, strict=True))
+
+    def anchors(self) -> dict[int, np.ndarray]:
+        """{level: [H_l, W_l, A * 4]} RPN anchors for ``image_size`` inputs."""
+        return rpn_anchors(self.image_size, self.min_level, self.max_level, self.anchor, self.level_strides())
 
     def features(self, images: Array, train: bool = False) -> dict[int, Array]:
         features = self.backbone(images, train=train)
@@ -119,7 +140,7 @@ class FasterRCNN(nn.Module):
         return two_stage.generate_proposals(
             jax.tree_util.tree_map(jax.lax.stop_gradient, objectness),
             jax.tree_util.tree_map(jax.lax.stop_gradient, deltas),
-            rpn_anchors(self.image_size, self.min_level, self.max_level, self.anchor),
+            self.anchors(),
             (self.image_size, self.image_size),
             pre_nms_top_k=p.pre_nms_top_k_train if train else p.pre_nms_top_k,
             post_nms_top_k=p.post_nms_top_k_train if train else p.post_nms_top_k,
@@ -131,6 +152,12 @@ class FasterRCNN(nn.Module):
     def pool(self, features: dict[int, Array], rois: Array, output_size: int, sampling_ratio: int) -> Array:
         """Multilevel RoIAlign of ``rois`` [B, R, 4] (input pixels) with the ``roi`` settings -> [B, R, P, P, C]."""
         r = self.roi
+        strides = None
+        if self.feature_strides is not None:
+            strides = self.level_strides()
+            missing = [level for level in range(r.min_level, r.max_level + 1) if level not in strides]
+            if missing:
+                raise ValueError(f"RoI levels {r.min_level}..{r.max_level} must be RPN levels; {missing} are not")
         return roi_align.multilevel_roi_align(
             {k: features[k] for k in range(r.min_level, r.max_level + 1)},
             rois,
@@ -140,6 +167,7 @@ class FasterRCNN(nn.Module):
             canonical_size=r.canonical_size,
             canonical_level=r.canonical_level,
             style=r.style,
+            strides=strides,
         )
 
     def roi_outputs(self, features: dict[int, Array], rois: Array, train: bool = False) -> tuple[Array, Array]:

@@ -36,8 +36,12 @@ def level_anchors(
     round_base: bool = False,
     integer_stride: bool = False,
     truncate_sizes: bool = False,
+    stride: int | None = None,
 ) -> np.ndarray:
-    """Anchors of one level: float32 [H_l, W_l, A * 4] on a ceil(size / 2**level) grid.
+    """Anchors of one level: float32 [H_l, W_l, A * 4] on a ceil(size / stride) grid.
+
+    ``stride``: the level's feature stride, ``2**level`` unless given (DetNet's levels 4..6 all have
+    stride 16). The anchor size stays ``anchor_size * 2**level``: the level names the anchor scale.
 
     ``center_offset``: where centres sit, as a fraction of the stride (0.5 Model Garden, 0.0
     torchvision). ``round_base``: round the zero-centred anchor [-w/2, -h/2, w/2, h/2] to integers
@@ -47,7 +51,8 @@ def level_anchors(
     truncated to an integer before the aspect ratio applies (torchvision RetinaNet's ``int()``).
     """
     height, width = image_size
-    feat_h, feat_w = math.ceil(height / 2**level), math.ceil(width / 2**level)
+    stride = 2**level if stride is None else stride
+    feat_h, feat_w = math.ceil(height / stride), math.ceil(width / stride)
     if integer_stride:
         stride_y, stride_x = np.float32(height // feat_h), np.float32(width // feat_w)
     else:

@@ -294,11 +294,13 @@ def multilevel_roi_align(
     canonical_level: int = 4,
     chunk_size: int | None = None,
     style: str = "torchvision",
+    strides: Mapping[int, int] | None = None,
 ) -> Array:
     """Multilevel RoIAlign (torchvision's ``MultiScaleRoIAlign``) -> ``[B, R, P, P, C]``.
 
     ``features`` maps consecutive levels ``l`` to ``[B, H_l, W_l, C]`` maps of stride ``2**l``
-    (spatial scale ``2**-l``); ``boxes`` [B, R, 4] are input-image pixels. Each RoI is pooled from
+    (spatial scale ``2**-l``), or ``strides[l]`` when given (DetNet: levels 4 and 5 both at stride 16;
+    the level rule still picks by ``l``); ``boxes`` [B, R, 4] are input-image pixels. Each RoI is pooled from
     ``assign_levels(box, min(levels), max(levels), canonical_size, canonical_level)`` with
     :func:`roi_align` semantics, gathering from all levels at once. ``chunk_size`` as in :func:`roi_align`.
     ``style='model_garden'``: Model Garden's level rule and sampling (module docstring; ``sampling_ratio``
@@ -335,6 +337,7 @@ def multilevel_roi_align(
     base = image * per_image + jnp.asarray(offsets, jnp.int32)[which]
     height = jnp.asarray([fmap.shape[1] for fmap in maps], jnp.int32)[which]
     width = jnp.asarray([fmap.shape[2] for fmap in maps], jnp.int32)[which]
-    scale = jnp.asarray([2.0**-level for level in levels], jnp.float32)[which]
+    level_strides = [2**level if strides is None else strides[level] for level in levels]
+    scale = jnp.asarray([1.0 / stride for stride in level_strides], jnp.float32)[which]
     out = _pool(table, flat_boxes, base, height, width, scale, output_size, sampling_ratio, aligned, chunk_size, style)
     return out.reshape(batch, num_rois, output_size, output_size, channels)

@@ -19,7 +19,6 @@ import ml_collections
 import numpy as np
 
 from scaledet_jax.models import build_model
-from scaledet_jax.models.faster_rcnn import rpn_anchors
 from scaledet_jax.ops import anchors as anchor_ops
 from scaledet_jax.ops import two_stage
 from scaledet_jax.tasks import init_with_images, register_task
@@ -49,7 +48,7 @@ class FasterRCNNTask:
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
         self.model = build_model(config.model)
-        per_level = rpn_anchors(config.model.image_size, self.model.min_level, self.model.max_level, self.model.anchor)
+        per_level = self.model.anchors()
         self.anchors = jnp.asarray(anchor_ops.flatten_levels(per_level))
         self.level_sizes = tuple(v.size // 4 for _, v in sorted(per_level.items()))
 
