@@ -136,16 +136,39 @@ def batch_norm(
     return nn.BatchNorm(momentum=momentum, epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def max_pool(x: Array, window: int, stride: int, padding: str = "same") -> Array:
-    """Max pooling. 'same' is TF 'SAME'; 'symmetric' pads window // 2 on both sides.
+POOL_PADDINGS = PADDINGS + ("valid",)
 
+
+def _torch_pool_pads(size: int, window: int, stride: int, pad: int, ceil_mode: bool) -> tuple[int, int]:
+    """(before, after) padding that gives PyTorch's pooled size along one axis.
+
+    PyTorch: ``out = floor_or_ceil((size + 2 pad - window) / stride) + 1``, minus one in ceil mode
+    when the last window would start in the right padding. Ceil mode may pad the end beyond ``pad``.
+    """
+    span = size + 2 * pad - window
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1
+    return pad, max(pad, (out - 1) * stride + window - size - pad)
+
+
+def max_pool(x: Array, window: int, stride: int, padding: str = "same", *, ceil_mode: bool = False) -> Array:
+    """Max pooling. 'same' is TF 'SAME'; 'symmetric' pads window // 2 on both sides; 'valid' pads nothing
+    (PyTorch ``padding=0``).
+
+    ``ceil_mode`` ('symmetric' / 'valid' only) is PyTorch's ``MaxPool2d(ceil_mode=True)``: the output size
+    rounds up, so a last partial window at the bottom/right is kept (VoVNet's stage-entry pools).
     Padded positions never win (-inf), as in both TF and PyTorch.
     """
-    _check_padding(padding)
+    if padding not in POOL_PADDINGS:
+        raise ValueError(f"padding must be one of {POOL_PADDINGS}, got {padding!r}")
     if padding == "same":
+        if ceil_mode:
+            raise ValueError("ceil_mode applies to PyTorch paddings ('symmetric', 'valid'), not 'same'")
         pad: str | Sequence[tuple[int, int]] = "SAME"
     else:
-        pad = ((window // 2, window // 2), (window // 2, window // 2))
+        p = window // 2 if padding == "symmetric" else 0
+        pad = tuple(_torch_pool_pads(x.shape[axis], window, stride, p, ceil_mode) for axis in (1, 2))
     return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pad)
 
 

@@ -60,15 +60,18 @@ class BottleneckBlock(nn.Module):
     padding: str = "same"
     kernel_init: Callable = snn.keras_variance_scaling
     dtype: Any = None
+    dilation: int = 1  # of the 3x3 conv (DetNet's stride-16 stages: 2)
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         act = snn.get_activation(self.activation)
 
-        def conv_norm(x: Array, features: int, kernel: int, strides: int, conv_name: str, norm_name: str) -> Array:
+        def conv_norm(
+            x: Array, features: int, kernel: int, strides: int, conv_name: str, norm_name: str, dilation: int = 1
+        ) -> Array:
             x = snn.conv(
-                features, kernel, strides, padding=self.padding, kernel_init=self.kernel_init, dtype=self.dtype,
-                name=conv_name,
+                features, kernel, strides, dilation, padding=self.padding, kernel_init=self.kernel_init,
+                dtype=self.dtype, name=conv_name,
             )(x)  # fmt: skip
             norm = make_norm(self.norm, self.bn_momentum, self.bn_epsilon, self.dtype, norm_name)
             return norm(x, use_running_average=not train)
@@ -78,7 +81,7 @@ class BottleneckBlock(nn.Module):
             shortcut = conv_norm(x, self.filters * EXPANSION, 1, self.strides, "shortcut_conv", "shortcut_norm")
         stride_1x1, stride_3x3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
         x = act(conv_norm(x, self.filters, 1, stride_1x1, "conv1", "norm1"))
-        x = act(conv_norm(x, self.filters, 3, stride_3x3, "conv2", "norm2"))
+        x = act(conv_norm(x, self.filters, 3, stride_3x3, "conv2", "norm2", self.dilation))
         x = conv_norm(x, self.filters * EXPANSION, 1, 1, "conv3", "norm3")
         return act(x + shortcut)
 

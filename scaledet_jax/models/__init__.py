@@ -167,6 +167,20 @@ def _build_resnet(model_config: ml_collections.ConfigDict) -> nn.Module:
     return build_resnet(model_config)
 
 
+@register_backbone("vovnet")
+def _build_vovnet(model_config: ml_collections.ConfigDict) -> nn.Module:
+    from scaledet_jax.backbones.vovnet import build_vovnet
+
+    return build_vovnet(model_config)
+
+
+@register_backbone("detnet")
+def _build_detnet(model_config: ml_collections.ConfigDict) -> nn.Module:
+    from scaledet_jax.backbones.detnet import build_detnet
+
+    return build_detnet(model_config)
+
+
 def _build_decoder(model_config: ml_collections.ConfigDict) -> nn.Module | None:
     """The neck named by ``model.decoder.name``: 'fpn', or 'none' (backbone endpoints feed the heads)."""
     decoder = model_config.get("decoder")
@@ -267,6 +281,7 @@ def _two_stage_parts(model_config: ml_collections.ConfigDict) -> dict:
             **norm,
         ),
         image_size=m.image_size,
+        feature_strides=tuple(m.feature_strides) if m.get("feature_strides") else None,
         min_level=m.min_level,
         max_level=m.max_level,
         anchor=anchor,
