@@ -8,7 +8,8 @@ without either it is rebuilt from the evaluation batches (boxes mapped back to o
 pixels). ``bbox`` metrics keep their plain names (AP, AP50, ...); when the detections carry masks,
 ``segm`` metrics follow as segm_AP, segm_AP50, ... Metrics pycocotools leaves undefined (-1: no
 ground truth in an area range) are NaN here and null in ``eval_<step>.json``, never 0; a per-class
-AP / AP50 table with category names goes to the json and the log.
+AP / AP50 table with category names goes to the json and the log. ``config.eval_protocol='voc'`` scores
+PASCAL VOC mAP instead (``scaledet_jax.evaluate_voc.VocEvaluator``, same interface, same ground truth).
 """
 
 from __future__ import annotations
@@ -29,11 +30,15 @@ def _xywh(boxes: np.ndarray) -> np.ndarray:
     return np.stack([boxes[:, 1], boxes[:, 0], boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]], axis=1)
 
 
-def annotation_json(config, workdir: str) -> str | None:
-    """The eval split's COCO json when ``config.data`` reads a COCO folder (or the synthetic set)."""
+def annotation_json(config, workdir: str, builder=None) -> str | None:
+    """The eval split's COCO json when ``config.data`` reads a COCO folder (or the synthetic set), or the one a
+    VOC folder's prepared copy holds (``builder.annotation_jsons``)."""
     from scaledet_jax.data import coco_folder
 
     data = config.data
+    prepared = (getattr(builder, "annotation_jsons", None) or {}).get(data.eval_split)
+    if prepared:
+        return prepared if os.path.exists(prepared) else None
     if data.source == "synthetic":
         folder = data.coco_folder or os.path.join(workdir, "synthetic_data")
     elif data.source == "coco_folder":
@@ -235,11 +240,18 @@ def _per_class(coco_eval, ground_truth) -> list[dict]:
 
 
 def format_per_class(rows: list[dict]) -> str:
-    """The per-class table for the log."""
+    """The per-class table for the log: name, id, then every other column of the rows (COCO: AP, AP50; VOC:
+    AP, AP_voc07, object counts); floats with 3 decimals, 'n/a' where undefined."""
+    columns = [k for k in rows[0] if k not in ("id", "name")] if rows else ["AP", "AP50"]
     width = max([len(r["name"]) for r in rows] + [8])
-    lines = [f"{'category':<{width}}  {'id':>4}  {'AP':>6}  {'AP50':>6}"]
+    sizes = {c: max(6, len(c)) for c in columns}
+
+    def cell(value, size: int) -> str:
+        if isinstance(value, float):
+            return f"{'n/a':>{size}}" if value != value else f"{value:{size}.3f}"
+        return f"{value!s:>{size}}"
+
+    lines = [f"{'category':<{width}}  {'id':>4}" + "".join(f"  {c:>{sizes[c]}}" for c in columns)]
     for r in rows:
-        ap = "   n/a" if r["AP"] != r["AP"] else f"{r['AP']:6.3f}"
-        ap50 = "   n/a" if r["AP50"] != r["AP50"] else f"{r['AP50']:6.3f}"
-        lines.append(f"{r['name']:<{width}}  {r['id']:>4}  {ap}  {ap50}")
+        lines.append(f"{r['name']:<{width}}  {r['id']:>4}" + "".join(f"  {cell(r[c], sizes[c])}" for c in columns))
     return "\n".join(lines)

@@ -640,8 +640,36 @@ def prepare(
     to ``SplitIndex.summary()``.
     """
     folder = os.path.abspath(folder)
-    fp = fingerprint(folder)
-    roots = [os.path.abspath(cache_dir)] if cache_dir else [os.path.join(folder, "tfds")]
+    return prepare_indexes(
+        folder,
+        fingerprint(folder),
+        lambda: load_folder(folder),
+        cache_dir=cache_dir,
+        fallback_dir=fallback_dir,
+        skip_bad_images=skip_bad_images,
+        check=check,
+    )
+
+
+def prepare_indexes(
+    folder: str,
+    fp: str,
+    load: Callable[[], dict[str, SplitIndex]],
+    *,
+    default_root: str = "",
+    cache_dir: str = "",
+    fallback_dir: str = "",
+    skip_bad_images: bool = False,
+    check: Callable[[dict[str, dict]], None] | None = None,
+    write_extra: Callable[[str, dict[str, SplitIndex]], None] | None = None,
+) -> CocoFolder:
+    """``prepare`` for any source that can say what it holds as validated ``SplitIndex`` objects (a COCO folder, a
+    VOC folder): ``folder`` names the source (the copies' key, absolute), ``fp`` its content fingerprint,
+    ``load()`` validates it and returns the indexes (called only when no copy with ``fp`` exists).
+    ``default_root``: where copies go without ``cache_dir`` (default ``folder/tfds``). ``write_extra(data_dir,
+    indexes)`` writes the source's own files into the copy before it is marked complete. The builder gets
+    ``prepared_dir`` (the copy's folder) besides ``summary``."""
+    roots = [os.path.abspath(cache_dir)] if cache_dir else [default_root or os.path.join(folder, "tfds")]
     if not cache_dir and fallback_dir:
         roots.append(os.path.abspath(fallback_dir))
 
@@ -663,6 +691,7 @@ def prepare(
             check(splits)
         logging.info("Using the copy of %s prepared in %s (contents unchanged)", folder, data_dir)
         builder.summary = splits
+        builder.prepared_dir = data_dir
         return builder
 
     problems = {root: write_problem(root) for root in roots}
@@ -681,7 +710,7 @@ def prepare(
     if writable[0] != roots[0]:
         logging.info("%s is not writable (%s); preparing it in %s", roots[0], problems[roots[0]], data_dir)
 
-    indexes = load_folder(folder)
+    indexes = load()
     if check is not None:
         check({split: index.summary() for split, index in indexes.items()})
     stale = _stale_copies(folder, roots, data_dir)
@@ -720,6 +749,8 @@ def prepare(
     builder = CocoFolder(folder=folder, data_dir=data_dir, splits=indexes)
     try:
         builder.download_and_prepare()
+        if write_extra is not None:
+            write_extra(data_dir, indexes)
         tmp = os.path.join(data_dir, SUMMARY_FILE + ".tmp")
         with open(tmp, "w") as f:
             json.dump({"folder": folder, "fingerprint": fp, "format": FORMAT_VERSION, "splits": summaries}, f)
@@ -732,6 +763,7 @@ def prepare(
             "set --config.data.cache_dir to a writable folder with space"
         ) from None
     builder.summary = summaries
+    builder.prepared_dir = data_dir
     return builder
 
 

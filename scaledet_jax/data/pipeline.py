@@ -1,4 +1,5 @@
-"""Input pipelines: tfds ``coco/2017``, a local COCO-format folder, or the synthetic dataset.
+"""Input pipelines: tfds ``coco/2017`` or ``voc/2007`` / ``voc/2012``, a local COCO-format or PASCAL VOC-format
+folder, or the synthetic dataset (written as a COCO or a VOC folder).
 
 TensorFlow runs on the host only (tf.data); batches come out as NumPy arrays of this process's
 share of the global batch. With several hosts each reads its own shard
@@ -46,6 +47,21 @@ def get_builder(config: ml_collections.ConfigDict, workdir: str):
     from scaledet_jax.data import coco_folder, synthetic
 
     data = config.data
+    synthetic_format = data.get("synthetic_format", "coco")
+    if data.source == "synthetic" and synthetic_format not in ("coco", "voc"):
+        raise UserError(f"unknown data.synthetic_format {synthetic_format!r}; use 'coco' or 'voc'")
+    if data.source == "synthetic" and synthetic_format == "voc":
+        folder = data.get("voc_folder", "") or os.path.join(workdir, "synthetic_voc")
+        try:
+            synthetic.generate_voc(folder, data.synthetic_train_images, data.synthetic_val_images, data.synthetic_seed)
+        except OSError as e:
+            raise UserError(
+                f"cannot write the synthetic VOC dataset to {folder}: {e.strerror or e}; use a writable workdir or "
+                "set --config.data.voc_folder to a writable folder"
+            ) from None
+        return _prepare_voc(config, folder, workdir)
+    if data.source == "voc_folder":
+        return _prepare_voc(config, data.get("voc_folder", ""), workdir)
     if data.source == "synthetic":
         folder = data.coco_folder or os.path.join(workdir, "synthetic_data")
         try:
@@ -74,6 +90,12 @@ def get_builder(config: ml_collections.ConfigDict, workdir: str):
         builder = tfds.builder(data.tfds_name, data_dir=data_dir)
         if not builder.is_prepared():
             where = data.tfds_data_dir or os.path.expanduser("~/tensorflow_datasets")
+            if is_tfds_voc(data):
+                raise UserError(
+                    f"tfds dataset {data.tfds_name} is not prepared in {where}. Prepare it with `tfds build "
+                    f"{data.tfds_name} --data_dir={where}`, or point --config.data.source=voc_folder "
+                    "--config.data.voc_folder=DIR at a VOCdevkit year folder (e.g. VOCdevkit/VOC2007)"
+                )
             raise UserError(
                 f"tfds dataset {data.tfds_name} is not prepared in {where}. Prepare it with "
                 f"`tfds build {data.tfds_name.split('/')[0]} --data_dir={where}` (COCO zips in "
@@ -84,7 +106,7 @@ def get_builder(config: ml_collections.ConfigDict, workdir: str):
         if ids is not None:
             check_categories(config.model, ids, f"tfds {data.tfds_name}")
         return builder
-    raise UserError(f"unknown data.source {data.source!r}; use 'tfds', 'coco_folder' or 'synthetic'")
+    raise UserError(f"unknown data.source {data.source!r}; use 'tfds', 'coco_folder', 'voc_folder' or 'synthetic'")
 
 
 def _prepare_folder(config: ml_collections.ConfigDict, folder: str, workdir: str):
@@ -93,6 +115,33 @@ def _prepare_folder(config: ml_collections.ConfigDict, folder: str, workdir: str
     data = config.data
     return coco_folder.prepare(
         folder,
+        cache_dir=data.get("cache_dir", ""),
+        fallback_dir=os.path.join(workdir, "prepared_data"),
+        skip_bad_images=data.get("skip_bad_images", False),
+        check=lambda summaries: check_dataset(config, summaries),
+    )
+
+
+def _prepare_voc(config: ml_collections.ConfigDict, spec: str, workdir: str):
+    """A VOC folder (or several, comma-separated) prepared with the train and eval splits of ``config``."""
+    from scaledet_jax.data import voc_folder
+
+    data = config.data
+    folders = voc_folder.parse_folders(spec)
+    available = voc_folder.split_names(folders)
+    for key, preferred in (("train_split", ("trainval", "train")), ("eval_split", ("test", "val"))):
+        split = data[key]
+        if split not in available:
+            other = data.eval_split if key == "train_split" else data.train_split
+            suggestion = ([s for s in preferred if s in available and s != other] or available or ["train"])[0]
+            raise UserError(
+                f"data.{key}={split!r} is not a split of {', '.join(folders)} (it has "
+                f"{', '.join(available) or 'no ImageSets/Main/<split>.txt'}): set --config.data.{key}={suggestion}"
+            )
+    return voc_folder.prepare(
+        folders,
+        [data.train_split, data.eval_split],
+        classes=data.get("voc_classes", ""),
         cache_dir=data.get("cache_dir", ""),
         fallback_dir=os.path.join(workdir, "prepared_data"),
         skip_bad_images=data.get("skip_bad_images", False),
@@ -216,8 +265,54 @@ def normalization(config: ml_collections.ConfigDict) -> dict:
     return {"mean": tuple(spec.mean), "std": tuple(spec.std), "bgr": spec.channels == "bgr"}
 
 
+def is_tfds_voc(data: ml_collections.ConfigDict) -> bool:
+    return data.source == "tfds" and data.tfds_name.split("/")[0] == "voc"
+
+
+# tfds voc labels 0..19 -> category ids 1..20 (0 is the background slot), the ids of a VOC folder.
+VOC_20_TO_CATEGORY = tuple(range(1, 21))
+
+
 def label_map(data: ml_collections.ConfigDict):
-    return preprocess.COCO_80_TO_91 if data.source == "tfds" and data.tfds_name.startswith("coco") else None
+    if data.source == "tfds" and data.tfds_name.startswith("coco"):
+        return preprocess.COCO_80_TO_91
+    return VOC_20_TO_CATEGORY if is_tfds_voc(data) else None
+
+
+def voc_image_id(filename):
+    """tfds voc's ``image/filename`` -> an int64 image id: the digits of ``000005.jpg`` / ``2008_000002.jpg``
+    (5, 2008000002, the ids a VOC folder gets), a 62-bit hash of the name for any other name."""
+    import tensorflow as tf
+
+    stem = tf.strings.regex_replace(filename, r"\.[^.]*$", "")
+    digits = tf.strings.regex_replace(stem, "_", "")
+    numeric = tf.strings.regex_full_match(stem, r"[0-9]+(_[0-9]+)*") & (tf.strings.length(digits) <= 18)
+    return tf.cond(
+        numeric,
+        lambda: tf.strings.to_number(digits, tf.int64),
+        lambda: tf.strings.to_hash_bucket_fast(filename, 2**62),
+    )
+
+
+def coco_structure(ds, data: ml_collections.ConfigDict):
+    """A tfds dataset's examples with the structure of ``coco/2017`` that the preprocessing reads: tfds voc
+    gets ``image/id`` (``voc_image_id``) and ``objects/is_crowd`` = ``is_difficult`` (difficult objects are
+    ignore regions, as crowd); other datasets pass unchanged."""
+    import tensorflow as tf
+
+    if not is_tfds_voc(data):
+        return ds
+
+    def standard(example):
+        objects = example["objects"]
+        return {
+            "image": example["image"],
+            "image/id": voc_image_id(example["image/filename"]),
+            "image/filename": example["image/filename"],
+            "objects": {"bbox": objects["bbox"], "label": objects["label"], "is_crowd": objects["is_difficult"]},
+        }
+
+    return ds.map(standard, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def train_batches(
@@ -233,7 +328,7 @@ def train_batches(
         raise UserError(f"train_batch_size {data.train_batch_size} does not divide over {process_count} hosts")
     per_host = data.train_batch_size // process_count
     split = tfds.even_splits(data.train_split, n=process_count, drop_remainder=True)[process_index]
-    ds = builder.as_dataset(split=split, shuffle_files=False)
+    ds = coco_structure(builder.as_dataset(split=split, shuffle_files=False), data)
     ds = ds.shuffle(data.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True).repeat()
     base_seed = tf.constant([config.seed, process_index], tf.int64)
 
@@ -270,7 +365,7 @@ def eval_batches(
     data = config.data
     per_host = data.eval_batch_size // process_count
     split = tfds.even_splits(data.eval_split, n=process_count)[process_index]
-    ds = builder.as_dataset(split=split, shuffle_files=False)
+    ds = coco_structure(builder.as_dataset(split=split, shuffle_files=False), data)
     ds = ds.map(
         lambda ex: preprocess.preprocess(
             ex,
@@ -294,8 +389,9 @@ def eval_batches(
 
 def tfds_ground_truth(config: ml_collections.ConfigDict, builder) -> dict:
     """The eval split of a tfds dataset as a COCO ground-truth dict (images, annotations, categories): every
-    object of every image, with the dataset's stored ``area`` (box area when it has none) and crowd flags,
-    not the preprocessed batches' (cut to ``data.max_instances``). Images are decoded only for their size."""
+    object of every image, with the dataset's stored ``area`` (box area when it has none) and crowd flags
+    (tfds voc: ``is_difficult``), not the preprocessed batches' (cut to ``data.max_instances``); every class of
+    the dataset's ClassLabel in ``categories``. Images are decoded only for their size."""
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
@@ -318,7 +414,8 @@ def tfds_ground_truth(config: ml_collections.ConfigDict, builder) -> dict:
             out["area"] = tf.cast(objects["area"], tf.float64)
         return out
 
-    ds = builder.as_dataset(split=data.eval_split, shuffle_files=False).map(fields, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = coco_structure(builder.as_dataset(split=data.eval_split, shuffle_files=False), data)
+    ds = ds.map(fields, num_parallel_calls=tf.data.AUTOTUNE)
     images, annotations, used = [], [], set()
     for example in tfds.as_numpy(ds.prefetch(8)):
         height, width = (int(v) for v in example["size"])
@@ -333,6 +430,8 @@ def tfds_ground_truth(config: ml_collections.ConfigDict, builder) -> dict:
                 {"id": len(annotations) + 1, "image_id": int(example["id"]), "category_id": category,
                  "bbox": [float(box[1]), float(box[0]), w, h], "area": area, "iscrowd": int(crowd)}
             )  # fmt: skip
+    if names:  # every class of the dataset, also those without an object in the split (per-class rows: n/a)
+        used |= {(int(mapping[index]) if mapping else index, index) for index in range(len(names))}
     categories = [
         {"id": category, "name": names[index] if names and 0 <= index < len(names) else str(category)}
         for category, index in sorted(used)

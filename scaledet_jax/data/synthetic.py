@@ -1,11 +1,12 @@
-"""A synthetic detection dataset the project generates itself, written as a COCO-format folder.
+"""A synthetic detection dataset the project generates itself, written as a COCO-format folder (or, with
+``write_voc_folder`` / ``generate_voc``, as a PASCAL VOC year folder).
 
 Filled circles, squares and triangles (three classes) of varied size, colour and position, 1-6 per
 image, overlapping at most moderately, on noisy textured backgrounds; boxes, areas and polygon
 instance masks in ``annotations/instances_<split>.json``, PNG images in ``<split>/``. The same seed
 gives the same files. Used by the quickstart and the tests, so nothing has to be downloaded.
 
-    python -m scaledet_jax.data.synthetic --out=/tmp/shapes --train=600 --val=100
+    python -m scaledet_jax.data.synthetic --out=/tmp/shapes --train=600 --val=100 [--format=voc]
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import os
 import shutil
 import sys
+import xml.etree.ElementTree as ET
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -141,6 +143,100 @@ def generate(folder: str, num_train: int, num_val: int, seed: int = 0) -> None:
         shutil.rmtree(os.path.join(folder, "tfds"), ignore_errors=True)
 
 
+VOC_SPLIT_FILES = ("train", "val", "trainval")
+
+
+def _voc_xml(image_id: str, file_name: str, height: int, width: int, objects: list[tuple[str, tuple, bool]]) -> bytes:
+    """A VOCdevkit-style annotation: <size>, and per object <name>, <pose>, <truncated>, <difficult>, <bndbox>."""
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = "synthetic"
+    ET.SubElement(root, "filename").text = file_name
+    size = ET.SubElement(root, "size")
+    for key, value in (("width", width), ("height", height), ("depth", 3)):
+        ET.SubElement(size, key).text = str(value)
+    ET.SubElement(root, "segmented").text = "0"
+    for name, box, difficult in objects:
+        node = ET.SubElement(root, "object")
+        ET.SubElement(node, "name").text = name
+        ET.SubElement(node, "pose").text = "Unspecified"
+        ET.SubElement(node, "truncated").text = "0"
+        ET.SubElement(node, "difficult").text = str(int(difficult))
+        bndbox = ET.SubElement(node, "bndbox")
+        for key, value in zip(("xmin", "ymin", "xmax", "ymax"), box, strict=True):
+            ET.SubElement(bndbox, key).text = str(value)
+    ET.indent(root)
+    return ET.tostring(root, encoding="utf-8")
+
+
+def write_voc_folder(
+    folder: str,
+    num_images: int,
+    seed: int = 0,
+    *,
+    num_val: int | None = None,
+    difficult_fraction: float = 0.15,
+    min_size: int = 96,
+    max_size: int = 160,
+) -> dict[str, list[str]]:
+    """Writes the synthetic shapes as a VOC year folder: ``JPEGImages/<id>.jpg`` (ids 000001...),
+    ``Annotations/<id>.xml`` and ``ImageSets/Main/{train,val,trainval}.txt`` (the last ``num_val`` images,
+    default a quarter, are 'val'). Boxes are the shapes' boxes rounded to whole pixels within [1, width] x
+    [1, height] (the numbers the VOC source reads back as its coordinates); class names circle / square /
+    triangle (so a VOC folder source numbers them 1-3 as the COCO set does); each object is <difficult> with
+    probability ``difficult_fraction``, drawn from its own generator so the images do not depend on it. The
+    split files are written last: a folder with them is complete. Returns {split: ids}."""
+    rng = np.random.RandomState(seed)
+    flags = np.random.RandomState(seed + 7919)
+    num_val = num_images // 4 if num_val is None else num_val
+    if not 0 <= num_val <= num_images:
+        raise ValueError(f"num_val {num_val} must be in [0, {num_images}]")
+    for sub in ("Annotations", "JPEGImages", os.path.join("ImageSets", "Main")):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    names = {c["id"]: c["name"] for c in CATEGORIES}
+    ids = []
+    for index in range(num_images):
+        height, width = (int(v) for v in rng.randint(min_size, max_size + 1, 2))
+        pixels, objects = make_example(rng, height, width)
+        image_id = f"{index + 1:06d}"
+        Image.fromarray(pixels).save(os.path.join(folder, "JPEGImages", f"{image_id}.jpg"), quality=95)
+        voc_objects = []
+        for category_id, _, (x0, y0, x1, y1) in objects:
+            box = (
+                min(max(int(round(x0)), 1), width),
+                min(max(int(round(y0)), 1), height),
+                min(max(int(round(x1)), 1), width),
+                min(max(int(round(y1)), 1), height),
+            )
+            voc_objects.append((names[category_id], box, bool(flags.uniform() < difficult_fraction)))
+        with open(os.path.join(folder, "Annotations", f"{image_id}.xml"), "wb") as f:
+            f.write(_voc_xml(image_id, f"{image_id}.jpg", height, width, voc_objects))
+        ids.append(image_id)
+    splits = {"train": ids[: num_images - num_val], "val": ids[num_images - num_val :], "trainval": ids}
+    for split in VOC_SPLIT_FILES:
+        path = os.path.join(folder, "ImageSets", "Main", f"{split}.txt")
+        with open(path + ".tmp", "w") as f:
+            f.write("".join(f"{i}\n" for i in splits[split]))
+        os.replace(path + ".tmp", path)
+    return splits
+
+
+def generate_voc(folder: str, num_train: int, num_val: int, seed: int = 0) -> None:
+    """``write_voc_folder`` with ``num_train`` + ``num_val`` images unless the folder already holds that many."""
+    main = os.path.join(folder, "ImageSets", "Main")
+    counts = []
+    for split in ("train", "val"):
+        try:
+            with open(os.path.join(main, f"{split}.txt")) as f:
+                counts.append(sum(1 for line in f if line.strip()))
+        except OSError:
+            counts.append(None)
+    if counts == [num_train, num_val]:
+        return
+    for sub in ("Annotations", "JPEGImages", "ImageSets", "tfds"):
+        shutil.rmtree(os.path.join(folder, sub), ignore_errors=True)  # a tfds copy of the old files would be stale
+    write_voc_folder(folder, num_train + num_val, seed, num_val=num_val)
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -149,6 +245,7 @@ if __name__ == "__main__":
     parser.add_argument("--train", type=int, default=600)
     parser.add_argument("--val", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--format", choices=("coco", "voc"), default="coco")
     args = parser.parse_args()
-    generate(args.out, args.train, args.val, args.seed)
+    (generate_voc if args.format == "voc" else generate)(args.out, args.train, args.val, args.seed)
     print(f"wrote {args.train} train and {args.val} val images to {args.out}", file=sys.stderr)
