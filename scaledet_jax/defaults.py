@@ -67,13 +67,20 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- data --------------------------------------------------------------------------------
     data = config.data = ml_collections.ConfigDict()
-    data.source = "tfds"  # 'tfds' (coco/2017), 'coco_folder' or 'synthetic'
+    data.source = "tfds"  # 'tfds' (coco/2017, voc/2007, voc/2012), 'coco_folder', 'voc_folder' or 'synthetic'
     data.tfds_name = "coco/2017"
     data.tfds_data_dir = ""  # '' = the tfds default (~/tensorflow_datasets)
     data.coco_folder = ""  # <split>/ + annotations/instances_<split>.json, for data.source='coco_folder'
+    # For data.source='voc_folder': a VOCdevkit year folder (Annotations/, JPEGImages/, ImageSets/Main/<split>.txt),
+    # or several comma-separated ('VOCdevkit/VOC2007,VOCdevkit/VOC2012': a split is the union of its files).
+    data.voc_folder = ""
+    # VOC class numbering: '' = the 20 VOC classes (ids 1-20) when every object name is one, else the names
+    # found, sorted (ids 1..N); 'voc' = always the 20; 'a,b,c' = these names as ids 1..N.
+    data.voc_classes = ""
     data.synthetic_train_images = 600  # data.source='synthetic' writes a COCO folder (workdir/synthetic_data)
     data.synthetic_val_images = 100
     data.synthetic_seed = 0
+    data.synthetic_format = "coco"  # 'voc': a VOC folder instead (workdir/synthetic_voc), some objects difficult
     # Where a COCO folder's prepared tfds copy goes ('' = FOLDER/tfds, or WORKDIR/prepared_data when the
     # folder is read-only); each copy is keyed by a fingerprint of the jsons and image files.
     data.cache_dir = ""
@@ -113,11 +120,21 @@ def get_config() -> ml_collections.ConfigDict:
     config.stop_after_steps = 0  # > 0: leave after this many steps (time-boxed jobs); rerun to resume
     config.seed = 0
     config.init_from = ""  # a converted checkpoint (python -m scaledet_jax.convert) to start from
+    # A directory for JAX's persistent compilation cache ('' = off): a later launch of the same config
+    # (resume, evaluate, a second seed) loads the compiled train/predict steps instead of recompiling them.
+    config.compilation_cache_dir = ""
     config.log_every_steps = 100
     config.checkpoint_every_steps = 462  # one COCO epoch at batch 256
     config.keep_checkpoints = 3
     config.eval_every_steps = 462
     config.eval_pictures = 4  # eval images drawn to TensorBoard (ground truth | predictions) at each evaluation
+    # 'coco': pycocotools (AP, AP50, ...); 'voc': PASCAL VOC mAP at IoU eval_voc.iou_threshold, all-point ('mAP',
+    # VOC2010+) and 11-point ('mAP_voc07'), difficult objects (and crowd) ignored.
+    config.eval_protocol = "coco"
+    # The VOC devkit's conventions: boxes are inclusive pixel indices (width = x2 - x1 + pixel_offset; 0 for
+    # continuous boxes such as a COCO folder's), a detection matches at IoU >= iou_threshold (MATLAB VOCevaldet;
+    # strict_iou=True: IoU > iou_threshold, as py-faster-rcnn's and detectron2's voc_eval.py).
+    config.eval_voc = ml_collections.ConfigDict(dict(iou_threshold=0.5, pixel_offset=1.0, strict_iou=False))
     return config
 
 
@@ -398,4 +415,113 @@ def maskrcnn_spinenet_config(model_id: str = "49") -> ml_collections.ConfigDict:
     o.warmup_learning_rate = 0.0067
     config.num_epochs = 350
     config.checkpoint_every_steps = config.eval_every_steps = COCO_TRAIN_EXAMPLES // 256
+    return config
+
+
+# maskrcnn-benchmark's SOLVER for the VoVNet seed's 2x recipe: 180k iterations of 16 images, x0.1 at 120k / 160k.
+VOVNET_RCNN_ITERATIONS, VOVNET_RCNN_STEPS = 180_000, (120_000, 160_000)
+
+
+def vovnet_rcnn_config(depth: int = 39, masks: bool = False) -> ml_collections.ConfigDict:
+    """The VoVNet seed's (stigma0617/maskrcnn-benchmark-vovnet) ``e2e_{faster,mask}_rcnn_V_{depth}_FPN_2x``
+    network and recipe, on our square-padded inputs.
+
+    Network: VoVNet-``depth`` (FrozenBatchNorm without epsilon, identity on the OSA modules after a stage's first,
+    ceil-mode stage pools, symmetric padding, nothing frozen: ``FREEZE_CONV_BODY_AT: 0``), FPN P2-P5 + max-pooled P6,
+    RPN (1 conv, 3 anchors of size 32 * 2**(level - 2) centred at stride / 2), RoIAlign 7x7 (14x14 for masks) with 2x2
+    samples, not aligned, Detectron's level rule (``roi.style='maskrcnn_benchmark'``), two 1024-d FCs, box weights
+    (10, 10, 5, 5); BGR 0-255 input minus (102.9801, 115.9465, 122.7717), std 1. 91 outputs (COCO ids with a
+    background slot); converting the seed's checkpoints sets its 81 (``--from=maskrcnn-benchmark``).
+    Recipe: SGD 0.9, lr 0.02 at batch 16 after a 500-step linear warmup from 1/100 of it, x0.1 at iterations
+    120k and 160k of 180k (24.3 COCO epochs), weight decay 1e-4 on weights (``WEIGHT_DECAY_BIAS: 0``; the seed's
+    2x bias learning rate is not reproduced), RPN 2000 / 1000 proposals per level before NMS (train / test) and
+    1000 after (the seed's 2000 per 2-image GPU batch in training), 512 RoIs at 25% foreground, RoI box loss
+    smooth L1 beta 1. The seed resizes the shorter side to 800 (longer <= 1333) and pads to multiples of 32; here
+    the longer side is resized to 1333 and padded square to 1344 (a multiple of 2**6).
+    """
+    config = maskrcnn_config() if masks else fasterrcnn_config()
+    m = config.model
+    m.image_size = 1344
+    m.input = ml_collections.ConfigDict(dict(mean=(102.9801, 115.9465, 122.7717), std=(1.0, 1.0, 1.0), channels="bgr"))
+    m.backbone = ml_collections.ConfigDict(
+        dict(
+            name="vovnet", depth=depth, norm="frozen", bn_epsilon=0.0, residual=True, frozen_stages=0,
+            pool_padding="valid", pool_ceil_mode=True,
+        )
+    )  # fmt: skip
+    m.anchor.update(center_offset=0.5, round_base=False, integer_stride=True)  # as --from=maskrcnn-benchmark sets
+    m.rpn.update(pre_nms_top_k_train=2000, post_nms_top_k_train=1000, pre_nms_top_k=1000, post_nms_top_k=1000)
+    m.rpn.min_size = 0.0  # Detectron's remove_small_boxes(min_size=0)
+    m.roi.style = "maskrcnn_benchmark"
+    m.detection.min_size = 0.0  # maskrcnn-benchmark's box PostProcessor removes no small boxes
+    config.loss.roi_smooth_l1_beta = 1.0  # fastrcnn_loss: smooth_l1_loss(beta=1)
+    config.loss.l2_weight_decay = 1e-4
+    o = config.optim
+    o.frozen = ()
+    o.base_learning_rate = 0.02 * 256 / 16  # lr 0.02 at batch 16; scaled linearly with the batch
+    o.warmup_steps = 500
+    o.warmup_learning_rate = 0.02 / 100  # WARMUP_FACTOR 0.01
+    o.decay_epochs = tuple(step * 16 / COCO_TRAIN_EXAMPLES for step in VOVNET_RCNN_STEPS)
+    config.data.train_batch_size = 16
+    config.total_steps = VOVNET_RCNN_ITERATIONS  # at batch 16 (24.3 epochs); scale it with another batch size
+    config.num_epochs = 25  # unused while total_steps is set
+    return config
+
+
+def detnet_fasterrcnn_config() -> ml_collections.ConfigDict:
+    """guoruoqian/DetNet_pytorch's DetNet-59 FPN Faster R-CNN and its PASCAL VOC 2007 recipe (README: 75.9 mAP).
+
+    Network (what ``--from=detnet-pytorch`` also sets from a checkpoint): DetNet-59 (FrozenBN eps 1e-5, stem and
+    stage 2 frozen: FIXED_BLOCKS 1), its FPN (P6 = 1x1 of C6; P5, P4 added at stride 16 without resizing; P3, P2
+    by align-corners bilinear upsampling, 3x3 smoothing on P3 and P2 only), strides (4, 8, 16, 16, 16), RPN on
+    P2-P6 (3x3 conv of 512, anchors 32..512 px with w/h 0.5, 1, 2 centred at multiples of the stride, not rounded),
+    RoIAlignAvg 14 x 14 on P2-P5 (``roi.style='jwyang_avg'``), two 1024-d FC layers, 21 classes (VOC ids 1-20,
+    0 = background), box coding weights (10, 10, 5, 5); ImageNet RGB normalisation.
+    Recipe (``trainval_net.py --bs 2 --lr 1e-3 --epochs 12``, ``cfgs/detnet59.yml``): SGD 0.9, lr 1e-3 at batch 2,
+    no warmup, weight decay 1e-4, x0.1 after 10 of 11 epochs (its loop runs epochs 1..11; README lr_decay 10).
+    The seed's epoch is two passes over VOC07 trainval (USE_FLIPPED appends a flipped copy of every image), so
+    here: 22 epochs, decay after 20 (random flips instead). 128 RoIs per image (TRAIN.BATCH_SIZE, background IoU
+    [0, 0.5)), RoI box loss smooth L1 beta 1 (sigma 1), RPN beta 1/9 (sigma 3); test NMS 0.3, score threshold 0,
+    100 detections. The seed resizes the shorter side to 600 (VOC's 500 x 375 -> 800 x 600); here the longer side
+    fits the square input: 800 gives VOC's 4:3 images the seed's scale (a multiple of 16, the coarsest stride).
+    Not reproduced: proposals ranked over all levels together (pre-NMS 12000 / 6000, post-NMS 2000 / 300; here
+    pre-NMS per level), +1 box widths in decoding and clipping, unflipped-and-flipped copies per epoch.
+    """
+    config = fasterrcnn_config()
+    m = config.model
+    m.num_classes = 21
+    m.background_slot = True
+    m.category_ids = ()
+    m.image_size = 800
+    m.min_level, m.max_level = 2, 6
+    m.feature_strides = (4, 8, 16, 16, 16)
+    m.backbone = ml_collections.ConfigDict(
+        dict(name="detnet", norm="frozen", frozen_stages=2, bn_epsilon=1e-5, stage_blocks=(3, 4, 6, 3, 3),
+             stem_filters=64, stage_filters=(64, 128, 256, 256, 256))
+    )  # fmt: skip
+    m.decoder = ml_collections.ConfigDict(
+        dict(name="fpn", num_filters=256, backbone_max_level=6, upsample="bilinear_align_corners",
+             output_levels=(2, 3), top_down_input="output", extra_levels="maxpool", norm="", conv_bias=True)
+    )  # fmt: skip
+    m.anchor.update(
+        num_scales=1, aspect_ratios=(0.5, 1.0, 2.0), anchor_size=8.0, center_offset=0.0, round_base=False,
+        integer_stride=False,
+    )  # fmt: skip
+    m.rpn.update(num_filters=512, pre_nms_top_k_train=2000, post_nms_top_k_train=2000, pre_nms_top_k=1000,
+                 post_nms_top_k=300, nms_iou=0.7, min_size=0.0)  # fmt: skip
+    m.roi.update(output_size=14, style="jwyang_avg", num_samples=128, foreground_fraction=0.25, foreground_iou=0.5,
+                 background_iou_high=0.5, background_iou_low=0.0)  # fmt: skip
+    m.box_head.update(num_convs=0, num_fcs=2, fc_dims=1024, norm="", class_agnostic_boxes=False)
+    m.detection.update(score_threshold=0.0, nms_iou_threshold=0.3, max_detections=100)
+    config.loss.update(roi_smooth_l1_beta=1.0, rpn_smooth_l1_beta=1.0 / 9.0, l2_weight_decay=1e-4)
+    config.data.train_batch_size = 2
+    o = config.optim
+    o.base_learning_rate = 1e-3 * 256 / 2  # lr 1e-3 at batch 2; scaled linearly with the batch
+    o.schedule = "stepwise"
+    o.decay_epochs = (20,)
+    o.decay_factor = 0.1
+    o.warmup_steps = 0
+    o.frozen = ("^backbone/(stem_|stage2_)",)  # FIXED_BLOCKS 1: RCNN_layer0 and RCNN_layer1
+    config.num_epochs = 22
+    config.checkpoint_every_steps = config.eval_every_steps = 5011 // 2  # one pass over VOC07 trainval
     return config

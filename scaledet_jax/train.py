@@ -50,6 +50,42 @@ class TrainState(flax.struct.PyTreeNode):
 # ---------------------------------------------------------------------------------------------
 
 
+_CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": 0, "/jax/compilation_cache/cache_misses": 0}
+
+
+def _count_cache_event(event: str, **_) -> None:
+    if event in _CACHE_EVENTS:
+        _CACHE_EVENTS[event] += 1
+
+
+def use_compilation_cache(path: str) -> None:
+    """Turns on JAX's persistent compilation cache in ``path`` ('' = leave it off).
+
+    JAX reads the setting when it first compiles, so this must run before anything is jitted in the
+    process (``main.py`` does it first); hits are counted for the log.
+    """
+    if not path:
+        return
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise UserError(
+            f"compilation_cache_dir {path!r} cannot be created ({error.strerror}); pick a writable directory"
+        ) from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"compilation_cache_dir {path!r} is not writable; pick a writable directory")
+    jax.config.update("jax_compilation_cache_dir", path)
+    if not getattr(use_compilation_cache, "listening", False):
+        jax.monitoring.register_event_listener(_count_cache_event)
+        use_compilation_cache.listening = True
+
+
+def compilation_cache_hits() -> int:
+    """Executables loaded from the persistent compilation cache so far in this process."""
+    return _CACHE_EVENTS["/jax/compilation_cache/cache_hits"]
+
+
 def make_mesh() -> jax.sharding.Mesh:
     """All devices on one 'data' axis (Auto axis type: sharded BN steps need it in this JAX)."""
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -120,6 +156,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     need(_is_number(o.ema_decay) and 0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "in [0, 1) (0 = off)")
     integer("data.max_instances", d.max_instances, 1)
     integer("data.shuffle_buffer", d.shuffle_buffer, 1)
+    need(config.get("eval_protocol", "coco") in ("coco", "voc"), "eval_protocol", config.get("eval_protocol"),
+         "'coco' or 'voc'")  # fmt: skip
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
@@ -478,12 +516,17 @@ class Run:
                 self.task.predict, in_shardings=(self.replicated, self.data_sharding), out_shardings=self.replicated
             )
         predict = self._predict
-        json_path = annotation_json(self.config, self.workdir)
+        json_path = annotation_json(self.config, self.workdir, self.builder)
         if json_path is None and self.config.data.source == "tfds" and self._ground_truth is None:
             self._ground_truth = pipeline.tfds_ground_truth(self.config, self.builder)  # once per run
-        evaluator = CocoEvaluator(
-            json_path, with_masks=self.config.model.name == "mask_rcnn", ground_truth=self._ground_truth
-        )
+        if self.config.get("eval_protocol", "coco") == "voc":
+            from scaledet_jax.evaluate_voc import VocEvaluator
+
+            evaluator = VocEvaluator.from_config(self.config, json_path, ground_truth=self._ground_truth)
+        else:
+            evaluator = CocoEvaluator(
+                json_path, with_masks=self.config.model.name == "mask_rcnn", ground_truth=self._ground_truth
+            )
         start = time.perf_counter()
         for batch in pipeline.eval_batches(
             self.config, self.builder, process_index=jax.process_index(), process_count=jax.process_count()
@@ -720,7 +763,7 @@ def _write_parameter_overview(workdir: str, params: Any, parameter_overview) -> 
     )
 
 
-SHOWN_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the eval log line's (bbox, then segm)
+SHOWN_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "mAP", "mAP_voc07")  # the eval log line's (COCO, VOC)
 
 
 def _format(metrics: dict[str, float], keys) -> str:
@@ -748,6 +791,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluate
     from scaledet_jax.data import pipeline
 
     _apply_init_from_options(config)
+    use_compilation_cache(config.get("compilation_cache_dir", ""))
     run = Run(config, workdir, needs_eval=evaluate)
     writer = metric_writers.create_default_writer(run.workdir, just_logging=jax.process_index() > 0)
     state = run.restore_or_init()
@@ -794,6 +838,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluate
         for step in range(start_step + 1, last_step_this_run + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, metrics = step_fn(state, run.global_batch(next(batches)))
+            if step == start_step + 1:
+                jax.block_until_ready(metrics)
+                logging.info(
+                    "First step (compilation included) took %.1f s%s",
+                    time.perf_counter() - last_time,
+                    f"; {compilation_cache_hits()} executables from the compilation cache"
+                    if config.get("compilation_cache_dir")
+                    else "",
+                )
             pending[step] = metrics
             if step % config.log_every_steps == 0 or step == run.total_steps:
                 _raise_if_nonfinite(state, pending, run.checkpoints)
@@ -855,6 +908,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluate
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Evaluates the latest checkpoint in ``workdir`` (or ``config.init_from`` when it has none)."""
     _apply_init_from_options(config)
+    use_compilation_cache(config.get("compilation_cache_dir", ""))
     if not config.init_from and not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise UserError(
             f"no checkpoint in {os.path.join(os.path.abspath(workdir), 'checkpoints')}; train first, point --workdir "

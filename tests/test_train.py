@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import tensorflow_datasets as tfds
 from configs_util import CONFIG_DIR, load_config
 
 from scaledet_jax import train
+from scaledet_jax.cli import UserError
 from scaledet_jax.evaluate import CocoEvaluator
 
 ROOT = str(CONFIG_DIR.parent)
@@ -262,3 +264,34 @@ def test_tfds_ground_truth_has_every_object_with_its_stored_area(monkeypatch):
         np.testing.assert_allclose(gbox, ebox, rtol=1e-5, atol=1e-4)
     names = builder.info.features["objects"]["label"].names
     assert all(c["name"] == names[preprocess.COCO_80_TO_91.index(c["id"])] for c in truth["categories"])
+
+
+def test_compilation_cache_dir_lets_a_second_launch_load_the_compiled_step(tmp_path):
+    """config.compilation_cache_dir (issue 13 item 4): the first launch fills the cache, the second (a new
+    process, another workdir) loads its train step from it instead of compiling (counted by JAX's events)."""
+    cache = tmp_path / "xla_cache"
+    common = [
+        "--config=configs/quickstart.py",
+        "--mode=train",
+        "--config.total_steps=1",
+        "--config.data.synthetic_train_images=4",
+        "--config.data.synthetic_val_images=2",
+        "--config.data.train_batch_size=2",
+        f"--config.data.cache_dir={tmp_path / 'prepared'}",
+        f"--config.compilation_cache_dir={cache}",
+    ]
+    first = _main(*common, f"--workdir={tmp_path / 'first'}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "0 executables from the compilation cache" in first.stderr
+    assert len(os.listdir(cache)) > 0
+    second = _main(*common, f"--workdir={tmp_path / 'second'}")
+    assert second.returncode == 0, second.stderr[-3000:]
+    hits = re.search(r"(\d+) executables from the compilation cache", second.stderr)
+    assert hits and int(hits.group(1)) >= 1, second.stderr[-3000:]
+
+
+def test_unwritable_compilation_cache_dir_is_one_clear_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(UserError, match="compilation_cache_dir .* cannot be created"):
+        train.use_compilation_cache(str(blocker / "cache"))
