@@ -27,12 +27,17 @@ Where each part comes from (repository at commit 735e2c5):
   The RPN reads P2..P6, the RoI head P2..P5.
 * ``rpn_head`` reproduces ``_RPN_FPN.forward`` up to the proposal layer, including how it turns the 6
   score channels into the foreground probability the proposal layer ranks (``input[0][:, :, 1]``).
+* ``pyramid_roi_feat`` / ``roi_align_avg`` — ``_FPN._PyramidRoI_Feat`` with POOLING_MODE 'align' and
+  ``lib/model/roi_align`` (``RoIAlignAvg`` over ``RoIAlignFunction``), the kernels ported from
+  ``src/roi_align_kernel.cu`` (the seed has no CPU implementation); ``DetNetFPN.rcnn_head`` runs them and
+  the box head on given RoIs, as ``_FPN.forward`` does after the proposal layer at test time.
 
 Everything is the seed's inference computation in current PyTorch; no training code.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -129,6 +134,7 @@ class DetNetFPN(nn.Module):
     def __init__(self, num_classes: int = 21, align_corners: bool = True, pooling_size: int = POOLING_SIZE):
         super().__init__()
         self.align_corners = align_corners
+        self.pooling_size = pooling_size
         self.RCNN_rpn = RPNFPN(256)
         body = DetNet59()
         self.RCNN_layer0 = nn.Sequential(body.conv1, body.bn1, body.relu, body.maxpool)
@@ -190,7 +196,7 @@ class DetNetFPN(nn.Module):
             score = raw_scores[level] = rpn.RPN_cls_score(x)
             batch, channels, height, width = score.shape
             # The seed's reshape(x, 2): view (B, 2, A * H, W), softmax over dim 1, then back to (B, 2A, H, W).
-            prob = F.softmax(score.view(batch, 2, channels * height // 2, width), dim=1).view(score.shape)
+            prob = F.softmax(score.contiguous().view(batch, 2, channels * height // 2, width), dim=1).view(score.shape)
             delta = raw_deltas[level] = rpn.RPN_bbox_pred(x)
             scores.append(score.permute(0, 2, 3, 1).reshape(batch, -1, 2))
             probs.append(prob.permute(0, 2, 3, 1).reshape(batch, -1, 2))
@@ -209,8 +215,142 @@ class DetNetFPN(nn.Module):
         cls_score = self.RCNN_cls_score(fc7)
         return cls_score, F.softmax(cls_score, dim=1), self.RCNN_bbox_pred(fc7)
 
+    def rcnn_head(self, pyramid: dict[int, torch.Tensor], rois: torch.Tensor, im_info: torch.Tensor):
+        """``_FPN.forward`` from the RoIs on (test time): RoIAlignAvg on P2..P5 (``pyramid_roi_feat``), then
+        ``box_head``. ``rois`` [R, 5] (batch index, x1, y1, x2, y2); returns (cls_score, cls_prob, bbox_pred)."""
+        pooled = pyramid_roi_feat([pyramid[level] for level in range(2, 6)], rois, im_info, self.pooling_size)
+        return self.box_head(pooled)
+
 
 def fpn_modules(model: DetNetFPN) -> list[nn.Module]:
     """The FPN's own layers (for parameter counts)."""
     names = ("RCNN_toplayer", "RCNN_smooth1", "RCNN_smooth2") + tuple(f"RCNN_latlayer{i}" for i in range(1, 5))
     return [getattr(model, name) for name in names]
+
+
+# --- RoIAlignAvg (lib/model/roi_align, POOLING_MODE 'align') and _PyramidRoI_Feat --------------------------
+#
+# The seed's RoIAlign exists only as a CUDA kernel (``src/roi_align_kernel.cu``: ROIAlignForward /
+# ROIAlignBackward; its CPU path raises NotImplementedError), so this is a loop-for-loop NumPy port of it.
+# Rounding as the kernel's: RoI corners times the float spatial scale in float32, ``roi_width =
+# fmaxf(end - start + 1., 0.)`` (float32), ``bin = roi_width / (aligned - 1.)`` (float32), the grid point
+# ``ph * bin + start`` as one FMA (nvcc's default contraction), ``h_ratio = h - hstart`` in float32, and the
+# interpolation ``data * (1. - h_ratio) * (1. - w_ratio) + ...`` in double (the kernel's ``1.`` literals are
+# doubles) stored as float32. The backward kernel's atomicAdds are accumulated in float64 here.
+
+
+def _grid_point(index: int, bin_size: np.float32, start: np.float32) -> np.float32:
+    """``(float)(index) * bin + start`` rounded once, as the FMA nvcc emits (exact product in float64)."""
+    return np.float32(np.float64(index) * np.float64(bin_size) + np.float64(start))
+
+
+def _kernel_samples(roi: np.ndarray, spatial_scale: float, aligned_height: int, aligned_width: int, height: int,
+                    width: int):  # fmt: skip
+    """For one RoI [batch_index, x1, y1, x2, y2]: [(ph, pw, hstart, wstart, h_ratio, w_ratio)] of the valid
+    grid points (the kernel writes 0 for the others and skips them in the backward pass)."""
+    scale = np.float32(spatial_scale)
+    start_w, start_h = np.float32(roi[1]) * scale, np.float32(roi[2]) * scale
+    end_w, end_h = np.float32(roi[3]) * scale, np.float32(roi[4]) * scale
+    roi_width = max(np.float32(np.float32(end_w - start_w) + np.float32(1.0)), np.float32(0.0))
+    roi_height = max(np.float32(np.float32(end_h - start_h) + np.float32(1.0)), np.float32(0.0))
+    bin_h = np.float32(roi_height / np.float32(aligned_height - 1))
+    bin_w = np.float32(roi_width / np.float32(aligned_width - 1))
+    samples = []
+    for ph in range(aligned_height):
+        for pw in range(aligned_width):
+            h, w = _grid_point(ph, bin_h, start_h), _grid_point(pw, bin_w, start_w)
+            if h < 0 or h >= height or w < 0 or w >= width:
+                continue
+            hstart, wstart = int(min(np.floor(h), height - 2)), int(min(np.floor(w), width - 2))
+            samples.append((ph, pw, hstart, wstart, np.float32(h - hstart), np.float32(w - wstart)))
+    return samples
+
+
+def roi_align_forward(features: np.ndarray, rois: np.ndarray, aligned_height: int, aligned_width: int,
+                      spatial_scale: float) -> np.ndarray:  # fmt: skip
+    """ROIAlignForward: features [B, C, H, W] float32, rois [R, 5] -> [R, C, aligned_height, aligned_width]."""
+    _, channels, height, width = features.shape
+    out = np.zeros((len(rois), channels, aligned_height, aligned_width), np.float32)
+    data = features.astype(np.float64)
+    for n, roi in enumerate(rois):
+        image = data[int(roi[0])]
+        for ph, pw, hs, ws, hr, wr in _kernel_samples(roi, spatial_scale, aligned_height, aligned_width, height, width):
+            hr, wr = np.float64(hr), np.float64(wr)
+            value = (
+                image[:, hs, ws] * (1.0 - hr) * (1.0 - wr)
+                + image[:, hs, ws + 1] * (1.0 - hr) * wr
+                + image[:, hs + 1, ws] * hr * (1.0 - wr)
+                + image[:, hs + 1, ws + 1] * hr * wr
+            )
+            out[n, :, ph, pw] = value.astype(np.float32)
+    return out
+
+
+def roi_align_backward(grad_output: np.ndarray, rois: np.ndarray, feature_shape: tuple[int, ...],
+                       spatial_scale: float) -> np.ndarray:  # fmt: skip
+    """ROIAlignBackward: the same four weights scattered back (float64 sums of the kernel's atomicAdds)."""
+    _, _, height, width = feature_shape
+    aligned_height, aligned_width = grad_output.shape[2:]
+    grad = np.zeros(feature_shape, np.float64)
+    top = grad_output.astype(np.float64)
+    for n, roi in enumerate(rois):
+        image = grad[int(roi[0])]
+        for ph, pw, hs, ws, hr, wr in _kernel_samples(roi, spatial_scale, aligned_height, aligned_width, height, width):
+            hr, wr, diff = np.float64(hr), np.float64(wr), top[n, :, ph, pw]
+            image[:, hs, ws] += diff * (1.0 - hr) * (1.0 - wr)
+            image[:, hs, ws + 1] += diff * (1.0 - hr) * wr
+            image[:, hs + 1, ws] += diff * hr * (1.0 - wr)
+            image[:, hs + 1, ws + 1] += diff * hr * wr
+    return grad.astype(np.float32)
+
+
+class RoIAlignFunction(torch.autograd.Function):
+    """``functions/roi_align.py``'s RoIAlignFunction on the ported kernels (features get a gradient, RoIs none)."""
+
+    @staticmethod
+    def forward(ctx, features, rois, aligned_height: int, aligned_width: int, spatial_scale: float):
+        ctx.save_for_backward(rois)
+        ctx.feature_shape, ctx.spatial_scale = tuple(features.shape), spatial_scale
+        out = roi_align_forward(features.detach().numpy(), rois.numpy(), aligned_height, aligned_width, spatial_scale)
+        return torch.from_numpy(out)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (rois,) = ctx.saved_tensors
+        grad = roi_align_backward(grad_output.numpy(), rois.numpy(), ctx.feature_shape, ctx.spatial_scale)
+        return torch.from_numpy(grad), None, None, None, None
+
+
+def roi_align_avg(features: torch.Tensor, rois: torch.Tensor, spatial_scale: float, size: int = POOLING_SIZE):
+    """``modules/roi_align.py``'s RoIAlignAvg: the (size + 1)^2 grid, then ``avg_pool2d(kernel 2, stride 1)``."""
+    x = RoIAlignFunction.apply(features, rois, size + 1, size + 1, spatial_scale)
+    return F.avg_pool2d(x, kernel_size=2, stride=1)
+
+
+def roi_levels(rois: torch.Tensor) -> torch.Tensor:
+    """``_PyramidRoI_Feat``'s level of each RoI [R, 5] (float32 as the seed computes it), clamped to 2..5."""
+    h = rois[:, 4] - rois[:, 2] + 1
+    w = rois[:, 3] - rois[:, 1] + 1
+    roi_level = torch.log(torch.sqrt(h * w) / 224.0) / np.log(2)
+    roi_level = torch.floor(roi_level + 4)
+    roi_level[roi_level < 2] = 2
+    roi_level[roi_level > 5] = 5
+    return roi_level
+
+
+def pyramid_roi_feat(feat_maps: list[torch.Tensor], rois: torch.Tensor, im_info: torch.Tensor,
+                     size: int = POOLING_SIZE) -> torch.Tensor:  # fmt: skip
+    """``_FPN._PyramidRoI_Feat`` with POOLING_MODE 'align': each RoI [batch_index, x1, y1, x2, y2] pooled by
+    RoIAlignAvg from P2..P5 (``feat_maps``) at scale ``feat_maps[i].size(2) / im_info[0][0]``, in RoI order."""
+    roi_level = roi_levels(rois)
+    pooled, box_to_levels = [], []
+    for i, level in enumerate(range(2, 6)):
+        if (roi_level == level).sum() == 0:
+            continue
+        idx_l = (roi_level == level).nonzero().reshape(-1)
+        box_to_levels.append(idx_l)
+        scale = feat_maps[i].size(2) / float(im_info[0][0])
+        pooled.append(roi_align_avg(feat_maps[i], rois[idx_l], scale, size))
+    roi_pool_feat = torch.cat(pooled, 0)
+    _, order = torch.sort(torch.cat(box_to_levels, 0))
+    return roi_pool_feat[order]

@@ -32,8 +32,8 @@ maskrcnn-benchmark's except ``vovnet.py`` and the ``V-*-FPN`` entries of ``backb
   (3x3, bias, ``make_conv3x3`` kaiming_normal fan_out), ``roi_heads.mask.predictor.conv5_mask`` (ConvTranspose2d
   2x2/2) and ``mask_fcn_logits`` (1x1, 81).
 * ``Pooler`` <- ``modeling/poolers.py``: ``LevelMapper`` (``floor(4 + log2(sqrt(area) / 224 + 1e-6))`` clamped
-  to 2..5, area of the xyxy box without +1) and the legacy (not aligned) ROIAlign CUDA kernel, which is
-  ``torchvision.ops.roi_align(aligned=False)``.
+  to 2..5, with ``BoxList.area()`` of ``structures/bounding_box.py``: (x2 - x1 + 1) * (y2 - y1 + 1), inclusive
+  pixels) and the legacy (not aligned) ROIAlign CUDA kernel, which is ``torchvision.ops.roi_align(aligned=False)``.
 * ``GeneralizedRCNN`` <- ``modeling/detector/generalized_rcnn.py`` + ``roi_heads/roi_heads.py``
   (``CombinedROIHeads`` is a ModuleDict ``box`` / ``mask``); only the parameterised parts and fixed-RoI passes,
   no proposal, loss or post-processing logic (they hold no parameters or buffers).
@@ -369,8 +369,9 @@ class MaskHead(nn.Module):
 
 
 def map_levels(boxes: torch.Tensor, k_min: int = 2, k_max: int = 5) -> torch.Tensor:
-    """``LevelMapper``: FPN level index (0 = P2) of xyxy boxes; area without +1, eps 1e-6, canonical 224 @ 4."""
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    """``LevelMapper``: FPN level index (0 = P2) of xyxy boxes; ``BoxList.area()`` (+1 widths), eps 1e-6 inside
+    the log, canonical 224 @ 4."""
+    area = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
     levels = torch.floor(4 + torch.log2(torch.sqrt(area) / 224 + 1e-6))
     return levels.clamp(k_min, k_max).to(torch.int64) - k_min
 

@@ -52,6 +52,10 @@ class DetNet(nn.Module):
     """
 
     stage_blocks: tuple[int, ...] = DETNET59_BLOCKS
+    # Bottleneck widths of stages 2..6 and the stem's filters; narrower values give a small net of the
+    # same structure (the quickstart). Outputs are 4x the width.
+    stage_filters: tuple[int, ...] = DETNET_STAGE_FILTERS
+    stem_filters: int = 64
     stride_in_1x1: bool = False  # True: MSRA/Caffe ResNet (the papers' FLOP counts); the seed: stride on the 3x3
     norm: str = "frozen"  # the seed's detector; 'batch' for ImageNet training
     frozen_stages: int = 0
@@ -69,6 +73,8 @@ class DetNet(nn.Module):
         stage_blocks = tuple(self.stage_blocks)
         if len(stage_blocks) != 5 or min(stage_blocks) < 1:
             raise ValueError(f"stage_blocks must be 5 positive counts (levels 2..6), got {stage_blocks}")
+        if len(self.stage_filters) != 5 or min(self.stage_filters) < 1:
+            raise ValueError(f"stage_filters must be 5 positive widths (levels 2..6), got {tuple(self.stage_filters)}")
         if not 0 <= self.frozen_stages <= 6:
             raise ValueError(f"frozen_stages must be in 0..6, got {self.frozen_stages}")
         kw = dict(
@@ -86,7 +92,13 @@ class DetNet(nn.Module):
 
         stem_train = train and self.frozen_stages < 1
         x = snn.conv(
-            64, 7, 2, padding=self.conv_padding, kernel_init=self.kernel_init, dtype=self.dtype, name="stem_conv"
+            self.stem_filters,
+            7,
+            2,
+            padding=self.conv_padding,
+            kernel_init=self.kernel_init,
+            dtype=self.dtype,
+            name="stem_conv",
         )(images)
         x = make_norm(self.norm, self.bn_momentum, self.bn_epsilon, self.dtype, "stem_norm")(
             x, use_running_average=not stem_train
@@ -95,7 +107,7 @@ class DetNet(nn.Module):
         x = freeze(snn.max_pool(x, 3, 2, self.pool_padding), 1)
 
         features: dict[int, Array] = {}
-        stages = zip(stage_blocks, DETNET_STAGE_FILTERS, DETNET_DILATIONS, strict=True)
+        stages = zip(stage_blocks, self.stage_filters, DETNET_DILATIONS, strict=True)
         for level, (repeats, filters, dilation) in enumerate(stages, 2):
             stage_train = train and self.frozen_stages < level
             for b in range(repeats):
@@ -119,11 +131,14 @@ class DetNet(nn.Module):
 
 def build_detnet(model_config: ml_collections.ConfigDict) -> DetNet:
     """The DetNet of ``config.model``: ``backbone.{norm, frozen_stages, bn_epsilon, stage_blocks}`` (the seed's
-    detector: 'frozen', 2, 1e-5), ``norm.momentum``, activation, paddings ('symmetric') and dtype."""
+    detector: 'frozen', 2, 1e-5), optional ``backbone.{stage_filters, stem_filters}`` (narrower nets),
+    ``norm.momentum``, activation, paddings ('symmetric') and dtype."""
     b = model_config.backbone
     bn_epsilon = b.get("bn_epsilon")
     return DetNet(
         stage_blocks=tuple(b.get("stage_blocks") or DETNET59_BLOCKS),
+        stage_filters=tuple(b.get("stage_filters") or DETNET_STAGE_FILTERS),
+        stem_filters=b.get("stem_filters") or 64,
         norm=b.get("norm", "frozen"),
         frozen_stages=b.get("frozen_stages", 2),
         activation=model_config.get("activation", "relu"),

@@ -161,7 +161,9 @@ def run() -> None:
         None,
         "Source layout: mmdet-spinenet, mmdet-efficientdet, effdet, timm-efficientnet, torchvision "
         "(Faster R-CNN / RetinaNet ResNet-FPN state_dicts), torchvision-coco-v1 (torchvision's published "
-        "COCO_V1 weights: FrozenBatchNorm eps 0).",
+        "COCO_V1 weights: FrozenBatchNorm eps 0), maskrcnn-benchmark (Faster / Mask R-CNN ResNet-FPN or VoVNet-FPN, "
+        "incl. stigma0617/maskrcnn-benchmark-vovnet), timm-vovnet (timm vovnet39a / vovnet57a ImageNet weights), "
+        "detnet-pytorch (DetNet_pytorch's DetNet-59 FPN Faster R-CNN), detnet-pytorch-imagenet (its detnet59.pth).",
     )
     flags.DEFINE_string(
         "input", None, "PyTorch checkpoint (.pth/.pt via torch.load(weights_only=True), or .safetensors)."

@@ -14,7 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from scaledet_jax.convert import detnet_pytorch as detnet_layout
 from scaledet_jax.convert import effdet as effdet_layout
+from scaledet_jax.convert import maskrcnn_benchmark as maskrcnn_benchmark_layout
 from scaledet_jax.convert import mmdet as mmdet_layout
 from scaledet_jax.convert import torchvision as torchvision_layout
 
@@ -34,6 +36,8 @@ class Layout:
     options_from_state: Callable[[Any, Any], dict[str, Any]] = lambda state, config: {}
     # (config) -> (path, array) -> array: re-orders tensors whose channel order differs from ours.
     transform: Callable[[Any], Callable[[tuple, np.ndarray], np.ndarray]] | None = None
+    # (state) -> state: tensors re-shaped or combined before mapping (DetNet_pytorch's RPN score fold, FC-as-conv).
+    prepare: Callable[[Any], Any] | None = None
 
     def options(self, state, config) -> dict[str, Any]:
         """Every model option the converted weights need: the layout's and the checkpoint's."""
@@ -57,6 +61,8 @@ class Layout:
         target = {collection: shapes[collection] for collection in shapes}
         for part in self.scope:
             target = {c: {part: t[part]} for c, t in target.items() if part in t}
+        if self.prepare is not None:
+            state = self.prepare(state)
         variables, report = torch_layout.convert(
             state,
             target,
@@ -187,6 +193,44 @@ LAYOUTS = {
             transform=torchvision_layout.torchvision_transform,
             reference=torchvision_layout.torchvision_reference,
             compare=torchvision_layout.torchvision_compare,
+        ),
+        Layout(
+            name="maskrcnn-benchmark",
+            description="maskrcnn-benchmark (and its VoVNet fork) Faster / Mask R-CNN ResNet-FPN (MSRA) or VoVNet-FPN",
+            source=maskrcnn_benchmark_layout.source,
+            ignored=maskrcnn_benchmark_layout.ignored,
+            options_from_state=maskrcnn_benchmark_layout.options,
+            transform=maskrcnn_benchmark_layout.transform,
+        ),
+        Layout(
+            name="timm-vovnet",
+            description="timm vovnet39a / vovnet57a ImageNet weights as the backbone initialisation",
+            source=maskrcnn_benchmark_layout.timm_vovnet_source,
+            ignored=maskrcnn_benchmark_layout.timm_vovnet_ignored,
+            scope=("backbone",),
+            model_options=IMAGENET_RGB_INPUT,
+            options_from_state=maskrcnn_benchmark_layout.timm_vovnet_options,
+            reference=maskrcnn_benchmark_layout.timm_vovnet_reference,
+            compare=maskrcnn_benchmark_layout.timm_vovnet_compare,
+        ),
+        Layout(
+            name="detnet-pytorch",
+            description="guoruoqian/DetNet_pytorch DetNet-59 FPN Faster R-CNN (fpn_*.pth, POOLING_MODE 'align')",
+            source=detnet_layout.detector_source,
+            ignored=detnet_layout.ignored,
+            model_options=IMAGENET_RGB_INPUT,
+            options_from_state=detnet_layout.detector_options,
+            transform=detnet_layout.transform,
+            prepare=detnet_layout.prepare,
+        ),
+        Layout(
+            name="detnet-pytorch-imagenet",
+            description="guoruoqian/DetNet_pytorch ImageNet DetNet-59 (detnet59.pth) as the backbone initialisation",
+            source=detnet_layout.imagenet_source,
+            ignored=detnet_layout.imagenet_ignored,
+            scope=("backbone",),
+            model_options=IMAGENET_RGB_INPUT,
+            options_from_state=detnet_layout.imagenet_options,
         ),
         Layout(
             name="timm-efficientnet",

@@ -57,7 +57,9 @@ class RoISettings:
     aligned: bool = False
     canonical_size: float = 224.0
     canonical_level: int = 4
-    style: str = "torchvision"  # or 'model_garden' (its crop_and_resize: level rule, 1 sample per bin, borders)
+    # or 'model_garden' (its crop_and_resize: level rule, 1 sample per bin, borders), 'mmdet', 'maskrcnn_benchmark',
+    # 'jwyang_avg' (DetNet_pytorch's RoIAlignAvg: (P + 1)^2 grid + 2x2 average, spatial scale H_l / image_size)
+    style: str = "torchvision"
     # RoI sampling in training
     num_samples: int = 512
     foreground_fraction: float = 0.25
@@ -158,8 +160,12 @@ class FasterRCNN(nn.Module):
             missing = [level for level in range(r.min_level, r.max_level + 1) if level not in strides]
             if missing:
                 raise ValueError(f"RoI levels {r.min_level}..{r.max_level} must be RPN levels; {missing} are not")
+        levels = range(r.min_level, r.max_level + 1)
+        scales = None
+        if r.style == "jwyang_avg":  # the seed's spatial scale: map height / (padded) input height
+            scales = {k: features[k].shape[1] / self.image_size for k in levels}
         return roi_align.multilevel_roi_align(
-            {k: features[k] for k in range(r.min_level, r.max_level + 1)},
+            {k: features[k] for k in levels},
             rois,
             output_size,
             sampling_ratio=sampling_ratio,
@@ -168,6 +174,7 @@ class FasterRCNN(nn.Module):
             canonical_level=r.canonical_level,
             style=r.style,
             strides=strides,
+            spatial_scales=scales,
         )
 
     def roi_outputs(self, features: dict[int, Array], rois: Array, train: bool = False) -> tuple[Array, Array]:

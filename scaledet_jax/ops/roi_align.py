@@ -31,10 +31,29 @@ samples past its end read the last row with weight ``1 + d`` (no zero region).
 R-CNN): level ``floor(log2(sqrt((w + 1)(h + 1)) / finest + 1e-6))`` above the lowest level (``finest``
 = ``canonical_size``, 56 there), the RoI end at ``(x2 + 1) * scale`` and its size clamped at 0 instead
 of 1; sampling as torchvision's.
+
+``style='maskrcnn_benchmark'`` gives maskrcnn-benchmark's ``Pooler`` (Detectron's FPN RoI levels): level
+``floor(canonical_level + log2(sqrt((w + 1)(h + 1)) / canonical_size + 1e-6))`` (``BoxList.area()`` counts
+inclusive pixels, and the epsilon sits inside the log); sampling as torchvision's (its legacy ROIAlign kernel
+is ``aligned=False``).
+
+``style='jwyang_avg'`` gives ``RoIAlignAvg`` of jwyang/faster-rcnn.pytorch (``lib/model/roi_align``), which
+guoruoqian/DetNet_pytorch (POOLING_MODE 'align') and jwyang/fpn.pytorch pool with: a ``(P + 1) x (P + 1)``
+grid of single bilinear samples, then a 2x2 stride-1 average pool -> ``P x P``. Its CUDA kernel
+(``roi_align_kernel.cu``, the only implementation it has): start ``x1 * scale``, extent ``max(x2 * scale -
+x1 * scale + 1, 0)`` (the +1 in feature pixels, after scaling), grid point ``i`` at ``start + i * extent / P``
+(so the grid spans ``[x1 * scale, x2 * scale + 1]``); a point with y < 0 or y >= H (or the same in x) reads
+0; the lower neighbour index is ``min(floor(y), H - 2)``, so points in ``[H - 1, H)`` extrapolate linearly
+from the last two rows. Level (``jwyang_levels``, DetNet_pytorch's ``_PyramidRoI_Feat``): ``floor(4 +
+log2(sqrt((w + 1)(h + 1)) / 224))`` clamped to the levels (no epsilon). Its spatial scale is the map height
+over the (padded) input height, ``H_l / S``, which is not ``1 / stride`` when ``S`` is not a multiple of the
+stride: pass ``spatial_scales``. ``sampling_ratio`` and ``aligned`` are unused. (The kernel reads outside its
+map when H or W is 1; here both neighbours are then the single row.)
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 
@@ -42,6 +61,8 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+
+STYLES = ("torchvision", "model_garden", "mmdet", "maskrcnn_benchmark", "jwyang_avg")  # module docstring
 
 # Default bound on one chunk's gradient updates ((2s)**2 terms per output value). On CPU small chunks keep
 # them in cache: at the benchmark load (1024 RoIs, C=256, P=7, s=2) 2..32 RoIs per chunk were equally fast,
@@ -88,6 +109,35 @@ def mmdet_levels(boxes: Array, num_levels: int, finest_scale: float = 56.0) -> A
     scale = jnp.sqrt((boxes[..., 2] - boxes[..., 0] + 1.0) * (boxes[..., 3] - boxes[..., 1] + 1.0))
     level = jnp.floor(jnp.log2(scale / finest_scale + 1e-6))
     return jnp.clip(jnp.nan_to_num(level, nan=0.0), 0, num_levels - 1).astype(jnp.int32)
+
+
+def maskrcnn_benchmark_levels(
+    boxes: Array, min_level: int, max_level: int, canonical_size: float = 224.0, canonical_level: int = 4
+) -> Array:
+    """maskrcnn-benchmark's ``LevelMapper``: ``floor(canonical_level + log2(sqrt((w + 1)(h + 1)) / canonical_size
+    + 1e-6))`` clamped to ``[min_level, max_level]``."""
+    boxes = boxes.astype(coordinate_dtype(boxes))
+    area = (boxes[..., 2] - boxes[..., 0] + 1.0) * (boxes[..., 3] - boxes[..., 1] + 1.0)
+    scale = jnp.sqrt(jnp.maximum(area, 0.0))
+    level = jnp.floor(canonical_level + jnp.log2(scale / canonical_size + jnp.asarray(1e-6, boxes.dtype)))
+    return jnp.clip(level, min_level, max_level).astype(jnp.int32)
+
+
+def jwyang_levels(
+    boxes: Array, min_level: int, max_level: int, canonical_size: float = 224.0, canonical_level: int = 4
+) -> Array:
+    """DetNet_pytorch's ``_PyramidRoI_Feat`` level: ``floor(log(sqrt((h + 1)(w + 1)) / canonical_size) / log(2) +
+    canonical_level)`` clamped to ``[min_level, max_level]``, in its operation order; inverted boxes (NaN) get
+    ``min_level``."""
+    boxes = boxes.astype(coordinate_dtype(boxes))
+    dtype = boxes.dtype
+    root = jnp.sqrt((boxes[..., 2] - boxes[..., 0] + 1.0) * (boxes[..., 3] - boxes[..., 1] + 1.0))
+    # True divisions, as the seed's: XLA would turn a division by a constant into an (inexact) reciprocal multiply.
+    size, log2 = jax.lax.optimization_barrier(
+        (jnp.full(root.shape, canonical_size, dtype), jnp.full(root.shape, math.log(2.0), dtype))
+    )
+    level = jnp.floor(jnp.log(root / size) / log2 + canonical_level)
+    return jnp.clip(jnp.nan_to_num(level, nan=min_level), min_level, max_level).astype(jnp.int32)
 
 
 def coordinate_dtype(boxes: Array) -> jnp.dtype:
@@ -153,13 +203,42 @@ def _model_garden_axis_samples(start: Array, size: Array, length: Array, output_
     return indices, jnp.stack([1.0 - frac, frac], axis=-1)[:, :, None, :]
 
 
+def _jwyang_axis_samples(start: Array, size: Array, length: Array, output_size: int):
+    """RoIAlignAvg's ``P + 1`` grid points along one axis: ``[N, P + 1, 1, 2]`` neighbour indices and weights.
+
+    ``start``/``size``: ``[N]`` the kernel's ``roi_start`` and ``roi_width`` (feature pixels); weights include
+    the point's validity (0 <= y < length) along this axis.
+    """
+    dtype = start.dtype
+    divisor = jax.lax.optimization_barrier(jnp.full(start.shape, output_size, dtype))  # a true division
+    bin_size = (size / divisor)[:, None]
+    i = jnp.arange(output_size + 1, dtype=dtype)[None, :]
+    coord = start[:, None] + i * bin_size  # the kernel's ph * bin + start (nvcc contracts it into an FMA, as XLA)
+    lengthf = length.astype(dtype)[:, None]
+    valid = (coord >= 0.0) & (coord < lengthf)  # NaN: invalid
+    coord = jnp.where(valid, coord, 0.0)
+    # The kernel's min(floor(y), H - 2): points in [H - 1, H) get a weight > 1 on the last row (extrapolation).
+    low = jnp.minimum(jnp.floor(coord), jnp.maximum(lengthf - 2.0, 0.0))
+    high = jnp.minimum(low + 1.0, lengthf - 1.0)
+    frac = coord - low
+    weights = jnp.stack([1.0 - frac, frac], axis=-1) * valid[..., None]
+    indices = jnp.stack([low, high], axis=-1).astype(jnp.int32)
+    return indices[:, :, None, :], weights[:, :, None, :]
+
+
 def _pool_chunk(table, boxes, base, height, width, scale, output_size, sampling_ratio, aligned, style="torchvision"):
     """RoIAlign of ``N`` RoIs gathered from ``table`` [M, C] -> ``[N, P, P, C]``.
 
     ``boxes`` [N, 4] pixels (ymin, xmin, ymax, xmax); ``base`` [N] int32 row of the RoI's (image,
     level) map in ``table``; ``height``/``width`` [N] int32 map size; ``scale`` [N] spatial scale.
     """
-    if style == "mmdet":
+    if style == "jwyang_avg":
+        sampling_ratio = 1
+        starts = _rounded(boxes[:, :2] * scale[:, None])
+        sizes = jnp.maximum((_rounded(boxes[:, 2:] * scale[:, None]) - starts) + 1.0, 0.0)
+        y_idx, y_w = _jwyang_axis_samples(starts[:, 0], sizes[:, 0], height, output_size)
+        x_idx, x_w = _jwyang_axis_samples(starts[:, 1], sizes[:, 1], width, output_size)
+    elif style == "mmdet":
         starts = _rounded(boxes[:, :2] * scale[:, None])
         sizes = jnp.maximum(_rounded((boxes[:, 2:] + 1.0) * scale[:, None]) - starts, 0.0)
         y_idx, y_w = _axis_samples(starts[:, 0], sizes[:, 0], height, output_size, sampling_ratio)
@@ -180,11 +259,11 @@ def _pool_chunk(table, boxes, base, height, width, scale, output_size, sampling_
         y_idx, y_w = _axis_samples(starts[:, 0], sizes[:, 0], height, output_size, sampling_ratio)
         x_idx, x_w = _axis_samples(starts[:, 1], sizes[:, 1], width, output_size, sampling_ratio)
     y_w = y_w / (sampling_ratio * sampling_ratio)  # the average over the s * s samples of a bin
-    n, k = boxes.shape[0], 2 * sampling_ratio
-    rows = (base[:, None, None, None] + y_idx * width[:, None, None, None]).reshape(n, output_size, k)
-    cols = x_idx.reshape(n, output_size, k)
-    y_w = y_w.reshape(n, output_size, k).astype(table.dtype)
-    x_w = x_w.reshape(n, output_size, k).astype(table.dtype)
+    n, size, k = boxes.shape[0], y_idx.shape[1], 2 * sampling_ratio  # size: P, or P + 1 grid points (jwyang_avg)
+    rows = (base[:, None, None, None] + y_idx * width[:, None, None, None]).reshape(n, size, k)
+    cols = x_idx.reshape(n, size, k)
+    y_w = y_w.reshape(n, size, k).astype(table.dtype)
+    x_w = x_w.reshape(n, size, k).astype(table.dtype)
     # One term per (row neighbour, column neighbour) of each bin: k * k gathers of [N, P, P, C], each
     # multiplied by its weight and summed; XLA fuses them into one loop, so nothing bigger than the
     # output is materialised.
@@ -195,6 +274,8 @@ def _pool_chunk(table, boxes, base, height, width, scale, output_size, sampling_
             weight = y_w[:, :, a, None] * x_w[:, None, :, b]
             term = table.at[index].get(mode="promise_in_bounds") * weight[..., None]
             out = term if out is None else out + term
+    if style == "jwyang_avg":  # avg_pool2d(kernel 2, stride 1) of the (P + 1) x (P + 1) grid, in its summation order
+        out = (out[:, :-1, :-1] + out[:, :-1, 1:] + out[:, 1:, :-1] + out[:, 1:, 1:]) * 0.25
     return out
 
 
@@ -225,7 +306,8 @@ def _pool(
     """Runs :func:`_pool_chunk` over all RoIs ``[N, ...]`` in chunks of ``chunk_size``."""
     n, channels = boxes.shape[0], table.shape[-1]
     if chunk_size is None:
-        per_roi = (2 * output_size * sampling_ratio) ** 2 * channels * table.dtype.itemsize
+        terms = 4 * (output_size + 1) ** 2 if style == "jwyang_avg" else (2 * output_size * sampling_ratio) ** 2
+        per_roi = terms * channels * table.dtype.itemsize
         budget = CHUNK_BYTES_CPU if jax.default_backend() == "cpu" else CHUNK_BYTES_ACCELERATOR
         chunk_size = max(1, budget // per_roi)
     chunk_size = max(1, min(chunk_size, n))
@@ -295,6 +377,7 @@ def multilevel_roi_align(
     chunk_size: int | None = None,
     style: str = "torchvision",
     strides: Mapping[int, int] | None = None,
+    spatial_scales: Mapping[int, float] | None = None,
 ) -> Array:
     """Multilevel RoIAlign (torchvision's ``MultiScaleRoIAlign``) -> ``[B, R, P, P, C]``.
 
@@ -304,10 +387,13 @@ def multilevel_roi_align(
     ``assign_levels(box, min(levels), max(levels), canonical_size, canonical_level)`` with
     :func:`roi_align` semantics, gathering from all levels at once. ``chunk_size`` as in :func:`roi_align`.
     ``style='model_garden'``: Model Garden's level rule and sampling (module docstring; ``sampling_ratio``
-    and ``aligned`` unused).
+    and ``aligned`` unused); ``'mmdet'`` / ``'maskrcnn_benchmark'``: those sources' level rules (module docstring);
+    ``'jwyang_avg'``: RoIAlignAvg of DetNet_pytorch (module docstring: its level rule and grid; ``sampling_ratio``
+    and ``aligned`` unused). ``spatial_scales[l]`` (feature pixels per input pixel) replaces ``1 / stride`` when
+    given: DetNet_pytorch's ``H_l / S``.
     """
-    if style not in ("torchvision", "model_garden", "mmdet"):
-        raise ValueError(f"RoIAlign style must be 'torchvision', 'model_garden' or 'mmdet', got {style!r}")
+    if style not in STYLES:
+        raise ValueError(f"RoIAlign style must be one of {', '.join(map(repr, STYLES))}, got {style!r}")
     output_size, sampling_ratio = _check_sizes(output_size, sampling_ratio)
     levels = sorted(features)
     if levels != list(range(levels[0], levels[-1] + 1)):
@@ -331,13 +417,21 @@ def multilevel_roi_align(
         which = model_garden_levels(flat_boxes, levels[0], levels[-1]) - levels[0]
     elif style == "mmdet":
         which = mmdet_levels(flat_boxes, len(levels), canonical_size)
+    elif style == "jwyang_avg":
+        which = jwyang_levels(flat_boxes, levels[0], levels[-1], canonical_size, canonical_level) - levels[0]
+    elif style == "maskrcnn_benchmark":
+        first, last = levels[0], levels[-1]
+        which = maskrcnn_benchmark_levels(flat_boxes, first, last, canonical_size, canonical_level) - first
+        style = "torchvision"  # the same sampling
     else:
         which = assign_levels(flat_boxes, levels[0], levels[-1], canonical_size, canonical_level) - levels[0]
     image = jnp.repeat(jnp.arange(batch, dtype=jnp.int32), num_rois)
     base = image * per_image + jnp.asarray(offsets, jnp.int32)[which]
     height = jnp.asarray([fmap.shape[1] for fmap in maps], jnp.int32)[which]
     width = jnp.asarray([fmap.shape[2] for fmap in maps], jnp.int32)[which]
-    level_strides = [2**level if strides is None else strides[level] for level in levels]
-    scale = jnp.asarray([1.0 / stride for stride in level_strides], jnp.float32)[which]
+    if spatial_scales is None:
+        level_strides = [2**level if strides is None else strides[level] for level in levels]
+        spatial_scales = {level: 1.0 / stride for level, stride in zip(levels, level_strides, strict=True)}
+    scale = jnp.asarray([float(spatial_scales[level]) for level in levels], jnp.float32)[which]
     out = _pool(table, flat_boxes, base, height, width, scale, output_size, sampling_ratio, aligned, chunk_size, style)
     return out.reshape(batch, num_rois, output_size, output_size, channels)
