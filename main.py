@@ -47,13 +47,11 @@ def main(argv: list[str]) -> None:
     else:
         metrics = train.train_and_evaluate(config, FLAGS.workdir, evaluate=FLAGS.mode == "train_and_eval")["eval"]
     if metrics:
-        logging.info("COCO AP@[.5:.95] %.4f  AP50 %.4f  AP75 %.4f", metrics["AP"], metrics["AP50"], metrics["AP75"])
-        print(f"COCO AP@[.5:.95] = {metrics['AP']:.4f} (AP50 {metrics['AP50']:.4f}, AP75 {metrics['AP75']:.4f})")
-        if "segm_AP" in metrics:
-            print(
-                f"COCO mask AP@[.5:.95] = {metrics['segm_AP']:.4f} (AP50 {metrics['segm_AP50']:.4f}, "
-                f"AP75 {metrics['segm_AP75']:.4f})"
-            )
+        from scaledet_jax.evaluate import summary_lines
+
+        for line in summary_lines(metrics):
+            logging.info(line)
+            print(line)
 
 
 if __name__ == "__main__":

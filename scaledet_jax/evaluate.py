@@ -216,6 +216,20 @@ class CocoEvaluator:
         return tuple(paths)
 
 
+def summary_lines(metrics: dict[str, float]) -> list[str]:
+    """The headline numbers of an evaluation, for the end of ``main.py``: VOC mAP (``eval_protocol='voc'``) or
+    COCO box AP, plus mask AP for Mask R-CNN."""
+    if "mAP" in metrics:
+        return [f"VOC mAP@0.5 = {metrics['mAP']:.4f} (all-point, VOC2010+; VOC07 11-point {metrics['mAP_voc07']:.4f})"]
+    lines = [f"COCO AP@[.5:.95] = {metrics['AP']:.4f} (AP50 {metrics['AP50']:.4f}, AP75 {metrics['AP75']:.4f})"]
+    if "segm_AP" in metrics:
+        lines.append(
+            f"COCO mask AP@[.5:.95] = {metrics['segm_AP']:.4f} (AP50 {metrics['segm_AP50']:.4f}, "
+            f"AP75 {metrics['segm_AP75']:.4f})"
+        )
+    return lines
+
+
 def _defined(value: float) -> float:
     """pycocotools' -1 ("no ground truth in this range") as NaN."""
     return float("nan") if value < 0 else float(value)

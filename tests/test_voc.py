@@ -597,3 +597,9 @@ def test_train_and_evaluate_on_a_synthetic_voc_folder(tmp_path):
     assert saved["protocol"]["name"] == "voc" and saved["mAP"] == metrics["mAP"]
     assert sum(r["npos"] for r in saved["per_class"]) > 0
     assert os.path.exists(tmp_path / "synthetic_voc" / "ImageSets" / "Main" / "val.txt")
+    # main.py's closing line (it used to look for COCO's 'AP' and crash after a VOC evaluation).
+    from scaledet_jax.evaluate import summary_lines
+
+    assert summary_lines(metrics) == [
+        f"VOC mAP@0.5 = {metrics['mAP']:.4f} (all-point, VOC2010+; VOC07 11-point {metrics['mAP_voc07']:.4f})"
+    ]

@@ -71,7 +71,11 @@ def parse_folders(spec: str) -> list[str]:
         )
     for folder in folders:
         if not os.path.isdir(folder):
-            raise UserError(f"data.voc_folder {folder} is not a folder")
+            raise UserError(
+                f"data.voc_folder {folder} is not a folder: point --config.data.voc_folder at a VOCdevkit year "
+                "folder (e.g. /data/VOCdevkit/VOC2007), or use tfds (--config.data.source=tfds "
+                "--config.data.tfds_name=voc/2007)"
+            )
         for sub in ("Annotations", "JPEGImages"):
             if not os.path.isdir(os.path.join(folder, sub)):
                 raise UserError(

@@ -1,0 +1,15 @@
+"""Faster R-CNN VoVNet-39-FPN: the VoVNet seed's (stigma0617/maskrcnn-benchmark-vovnet)
+``e2e_faster_rcnn_V_39_FPN_2x`` network and 2x COCO recipe (``defaults.vovnet_rcnn_config`` says what it is).
+
+Command: python main.py --config=configs/fasterrcnn_vovnet39_fpn.py --workdir=runs/fasterrcnn_vovnet39_fpn \
+    --config.data.source=coco_folder --config.data.coco_folder=/data/coco \
+    --config.data.train_split=train2017 --config.data.eval_split=val2017
+Published (seed README, COCO minival, 2x): 39.8 box AP.
+Its checkpoints convert with --from=maskrcnn-benchmark (README, "Converting PyTorch checkpoints").
+"""
+
+from scaledet_jax import defaults
+
+
+def get_config():
+    return defaults.vovnet_rcnn_config(depth=39, masks=False)
