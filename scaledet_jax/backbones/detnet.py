@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from scaledet_jax import nn as snn
-from scaledet_jax.backbones.resnet import STAGE_FILTERS, BottleneckBlock, make_norm
+from scaledet_jax.backbones.resnet import STAGE_FILTERS, stem_and_stages
 
 Array = jax.Array
 
@@ -77,52 +77,18 @@ class DetNet(nn.Module):
             raise ValueError(f"stage_filters must be 5 positive widths (levels 2..6), got {tuple(self.stage_filters)}")
         if not 0 <= self.frozen_stages <= 6:
             raise ValueError(f"frozen_stages must be in 0..6, got {self.frozen_stages}")
-        kw = dict(
-            activation=self.activation,
-            norm=self.norm,
-            bn_momentum=self.bn_momentum,
-            bn_epsilon=self.bn_epsilon,
-            padding=self.conv_padding,
-            kernel_init=self.kernel_init,
-            dtype=self.dtype,
+        features = stem_and_stages(
+            self,
+            images,
+            train,
+            stage_blocks=stage_blocks,
+            stage_filters=tuple(self.stage_filters),
+            # Stages 3 and 4 halve the resolution; the dilated stages 5 and 6 keep stride 16.
+            stage_strides=(1, 2, 2, 1, 1),
+            stage_dilations=DETNET_DILATIONS,
+            stem_filters=self.stem_filters,
         )
-
-        def freeze(x: Array, part: int) -> Array:
-            return jax.lax.stop_gradient(x) if part <= self.frozen_stages else x
-
-        stem_train = train and self.frozen_stages < 1
-        x = snn.conv(
-            self.stem_filters,
-            7,
-            2,
-            padding=self.conv_padding,
-            kernel_init=self.kernel_init,
-            dtype=self.dtype,
-            name="stem_conv",
-        )(images)
-        x = make_norm(self.norm, self.bn_momentum, self.bn_epsilon, self.dtype, "stem_norm")(
-            x, use_running_average=not stem_train
-        )
-        x = snn.get_activation(self.activation)(x)
-        x = freeze(snn.max_pool(x, 3, 2, self.pool_padding), 1)
-
-        features: dict[int, Array] = {}
-        stages = zip(stage_blocks, self.stage_filters, DETNET_DILATIONS, strict=True)
-        for level, (repeats, filters, dilation) in enumerate(stages, 2):
-            stage_train = train and self.frozen_stages < level
-            for b in range(repeats):
-                x = BottleneckBlock(
-                    filters,
-                    # Stages 3 and 4 halve the resolution; the dilated stages 5 and 6 keep stride 16.
-                    strides=2 if b == 0 and level in (3, 4) else 1,
-                    use_projection=b == 0,
-                    stride_in_1x1=self.stride_in_1x1,
-                    dilation=dilation,
-                    name=f"stage{level}_block{b}",
-                    **kw,
-                )(x, stage_train)
-            x = freeze(x, level)
-            features[level] = x
+        x = features[6]
         if self.num_classes > 0:
             logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(jnp.mean(x, axis=(1, 2)))
             return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))

@@ -118,45 +118,71 @@ class ResNet(nn.Module):
             raise ValueError(f"stage_blocks must be 4 positive counts, got {stage_blocks}")
         if not 0 <= self.frozen_stages <= 5:
             raise ValueError(f"frozen_stages must be in 0..5, got {self.frozen_stages}")
-        kw = dict(
-            activation=self.activation,
-            norm=self.norm,
-            bn_momentum=self.bn_momentum,
-            bn_epsilon=self.bn_epsilon,
-            padding=self.conv_padding,
-            kernel_init=self.kernel_init,
-            dtype=self.dtype,
+        return stem_and_stages(
+            self, images, train, stage_blocks=stage_blocks, stage_filters=STAGE_FILTERS, stage_strides=(1, 2, 2, 2)
         )
 
-        def freeze(x: Array, part: int) -> Array:
-            # Every frozen part's output, not only the last one's: C2..C_k are also returned features.
-            return jax.lax.stop_gradient(x) if part <= self.frozen_stages else x
 
-        stem_train = train and self.frozen_stages < 1
-        x = snn.conv(
-            64, 7, 2, padding=self.conv_padding, kernel_init=self.kernel_init, dtype=self.dtype, name="stem_conv"
-        )(images)
-        x = make_norm(self.norm, self.bn_momentum, self.bn_epsilon, self.dtype, "stem_norm")(
-            x, use_running_average=not stem_train
-        )
-        x = snn.get_activation(self.activation)(x)
-        x = freeze(snn.max_pool(x, 3, 2, self.pool_padding), 1)
+def stem_and_stages(
+    parent: nn.Module,
+    images: Array,
+    train: bool,
+    *,
+    stage_blocks: tuple[int, ...],
+    stage_filters: tuple[int, ...],
+    stage_strides: tuple[int, ...],
+    stage_dilations: tuple[int, ...] | None = None,
+    stem_filters: int = 64,
+) -> dict[int, Array]:
+    """ResNet's 7x7/2 stem + 3x3/2 max pool and bottleneck stages (levels 2, 3, ...), built inside ``parent``'s
+    compact ``__call__`` with its fields (norm, epsilon, paddings, activation, ``frozen_stages``, ...): the body
+    of ResNet and of DetNet (whose last two stages keep the stride and dilate their 3x3 convs).
 
-        features = {}
-        for level, (repeats, filters) in enumerate(zip(stage_blocks, STAGE_FILTERS, strict=True), 2):
-            stage_train = train and self.frozen_stages < level
-            for b in range(repeats):
-                x = BottleneckBlock(
-                    filters,
-                    strides=(1 if level == 2 else 2) if b == 0 else 1,
-                    use_projection=b == 0,
-                    stride_in_1x1=self.stride_in_1x1,
-                    name=f"stage{level}_block{b}",
-                    **kw,
-                )(x, stage_train)
-            x = freeze(x, level)
-            features[level] = x
-        return features
+    ``frozen_stages=k`` freezes the stem (k >= 1) and stages 2..k: their outputs go through ``stop_gradient``
+    and their norms run in inference mode. Every stage's first block has a projection shortcut with the
+    stage's stride; variables ``stem_conv``, ``stem_norm``, ``stage{level}_block{b}``.
+    """
+    p = parent
+    kw = dict(
+        activation=p.activation,
+        norm=p.norm,
+        bn_momentum=p.bn_momentum,
+        bn_epsilon=p.bn_epsilon,
+        padding=p.conv_padding,
+        kernel_init=p.kernel_init,
+        dtype=p.dtype,
+    )
+
+    def freeze(x: Array, part: int) -> Array:
+        # Every frozen part's output, not only the last one's: C2..C_k are also returned features.
+        return jax.lax.stop_gradient(x) if part <= p.frozen_stages else x
+
+    stem_train = train and p.frozen_stages < 1
+    x = snn.conv(
+        stem_filters, 7, 2, padding=p.conv_padding, kernel_init=p.kernel_init, dtype=p.dtype, name="stem_conv"
+    )(images)
+    x = make_norm(p.norm, p.bn_momentum, p.bn_epsilon, p.dtype, "stem_norm")(x, use_running_average=not stem_train)
+    x = snn.get_activation(p.activation)(x)
+    x = freeze(snn.max_pool(x, 3, 2, p.pool_padding), 1)
+
+    dilations = stage_dilations or (1,) * len(stage_blocks)
+    features = {}
+    stages = zip(stage_blocks, stage_filters, stage_strides, dilations, strict=True)
+    for level, (repeats, filters, stride, dilation) in enumerate(stages, 2):
+        stage_train = train and p.frozen_stages < level
+        for b in range(repeats):
+            x = BottleneckBlock(
+                filters,
+                strides=stride if b == 0 else 1,
+                use_projection=b == 0,
+                stride_in_1x1=p.stride_in_1x1,
+                dilation=dilation,
+                name=f"stage{level}_block{b}",
+                **kw,
+            )(x, stage_train)
+        x = freeze(x, level)
+        features[level] = x
+    return features
 
 
 def build_resnet(model_config: ml_collections.ConfigDict) -> ResNet:
