@@ -6,14 +6,20 @@
 * TensorFlow stays on the host CPU and quiet.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TF/torch never grab an accelerator in tests
-# Train/eval tests compile the same small steps several times: share compilations within the session.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="scaledet_jax_cache_"))
+# Train/eval tests compile the same small steps several times: share compilations within the session
+# (and remove them at exit: ~100 MB a run would otherwise pile up in /tmp on a CI machine).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _session_cache = tempfile.mkdtemp(prefix="scaledet_jax_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _session_cache
+    atexit.register(shutil.rmtree, _session_cache, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
