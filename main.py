@@ -2,8 +2,10 @@
 
     python main.py --config=configs/spinenet49.py --workdir=runs/spinenet49 [--config.key=value ...]
                    [--mode=train_and_eval|train|eval|profile]
+                   [--multihost [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]]
 
-Thin on purpose: flags in, one library call out.
+Thin on purpose: flags in, one library call out. Several hosts (a TPU pod slice, a multi-node GPU job) run the
+same command with --multihost on every host (README: Multi-host).
   train_and_eval  train (resuming from WORKDIR's latest checkpoint), then COCO evaluation
   train           train only
   eval            evaluate WORKDIR's latest checkpoint
@@ -25,6 +27,15 @@ from scaledet_jax.cli import UserError, config_from_flags, define_config_flag, r
 define_config_flag()
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and evaluation results.")
 flags.DEFINE_enum("mode", "train_and_eval", ["train_and_eval", "train", "eval", "profile"], "What to run.")
+flags.DEFINE_bool(
+    "multihost",
+    False,
+    "One of several processes training together: jax.distributed.initialize() (Cloud TPU, SLURM, Open MPI and "
+    "Kubernetes are detected by JAX; elsewhere give the three flags below).",
+)
+flags.DEFINE_string("coordinator_address", "", "With --multihost: process 0's HOST:PORT.")
+flags.DEFINE_integer("num_processes", None, "With --multihost: how many processes take part.")
+flags.DEFINE_integer("process_id", None, "With --multihost: this process's index, 0 .. num_processes-1.")
 FLAGS = flags.FLAGS
 
 
@@ -41,7 +52,7 @@ def main(argv: list[str]) -> None:
         raise UserError("--workdir is required for training and evaluation, e.g. --workdir=runs/quickstart")
     from scaledet_jax import distributed, train
 
-    distributed.maybe_initialize()
+    distributed.initialize(FLAGS.multihost, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if FLAGS.mode == "eval":
         metrics = train.evaluate(config, FLAGS.workdir)
     else:

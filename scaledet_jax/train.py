@@ -294,6 +294,7 @@ class Run:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, needs_eval: bool = False):
         """``needs_eval``: the run will evaluate, so the eval split must exist (checked now, before training)."""
+        from scaledet_jax import distributed
         from scaledet_jax.data import pipeline
 
         check_config(config)
@@ -307,7 +308,10 @@ class Run:
         self._predict = None  # the jitted predict function, compiled once per run
         self.pictures: list[np.ndarray] = []
         self._ground_truth: dict | None = None  # a tfds eval split's objects, read once per run
-        self.builder = pipeline.get_builder(config, self.workdir)
+        # Process 0 generates/prepares the data first; the others then find it (or make their own copy).
+        self.builder = distributed.main_process_first(
+            "data prepared", lambda: pipeline.get_builder(config, self.workdir)
+        )
         num_train = self.split_size("data.train_split")
         if num_train is None:  # a dataset without split sizes (tfds mock data): total_steps says how long
             if not config.total_steps:
@@ -505,6 +509,12 @@ class Run:
         self.checkpoints.save(step, args=ocp.args.StandardSave(state), force=force)
 
     def evaluate(self, state: TrainState) -> dict[str, float]:
+        """Metrics of ``state`` on the eval split, the same on every process.
+
+        Each process reads its shard of the split, all make the same number of (collective) predict calls, the
+        detections and the rows' image ids and sizes come back replicated, and process 0 alone scores the
+        whole split once and writes the results; the metrics are then broadcast."""
+        from scaledet_jax import distributed
         from scaledet_jax.data import pipeline
         from scaledet_jax.evaluate import CocoEvaluator, annotation_json, format_per_class
 
@@ -513,11 +523,14 @@ class Run:
         variables = {"params": params, "batch_stats": state.batch_stats}
         if self._predict is None:
             self._predict = jax.jit(
-                self.task.predict, in_shardings=(self.replicated, self.data_sharding), out_shardings=self.replicated
+                lambda variables, images, rows: (self.task.predict(variables, images), rows),
+                in_shardings=(self.replicated, self.data_sharding, self.data_sharding),
+                out_shardings=self.replicated,
             )
         predict = self._predict
+        main = distributed.is_main_process()
         json_path = annotation_json(self.config, self.workdir, self.builder)
-        if json_path is None and self.config.data.source == "tfds" and self._ground_truth is None:
+        if main and json_path is None and self.config.data.source == "tfds" and self._ground_truth is None:
             self._ground_truth = pipeline.tfds_ground_truth(self.config, self.builder)  # once per run
         if self.config.get("eval_protocol", "coco") == "voc":
             from scaledet_jax.evaluate_voc import VocEvaluator
@@ -532,18 +545,21 @@ class Run:
             self.config, self.builder, process_index=jax.process_index(), process_count=jax.process_count()
         ):
             images = jax.make_array_from_process_local_data(self.data_sharding, batch["image"])
-            detections = jax.device_get(predict(variables, images))
-            # Every host sees all detections (replicated output); each keeps its own images' rows.
-            local = slice(
-                jax.process_index() * len(batch["image_id"]), (jax.process_index() + 1) * len(batch["image_id"])
-            )
-            evaluator.add_ground_truth(batch)
-            evaluator.add_detections(batch, {k: v[local] for k, v in detections.items()})
-            if len(self.pictures) < self.config.get("eval_pictures", 0):
-                self.pictures += self._pictures(batch, {k: v[local] for k, v in detections.items()}, evaluator)
-        metrics = evaluator.evaluate()
+            rows = {
+                k: jax.make_array_from_process_local_data(self.data_sharding, _device_dtype(batch[k]))
+                for k in EVAL_ROW_FIELDS
+                if k in batch
+            }
+            detections, rows = jax.device_get(predict(variables, images, rows))  # every process gets all rows
+            if main:
+                evaluator.add_ground_truth(rows)
+                evaluator.add_detections(rows, detections)
+                if len(self.pictures) < self.config.get("eval_pictures", 0):
+                    mine = distributed.local_rows(self.data_sharding, len(rows["image_id"]))
+                    self.pictures += self._pictures(batch, {k: v[mine] for k, v in detections.items()}, evaluator)
         step = int(state.step)
-        if jax.process_index() == 0:
+        if main:
+            metrics = evaluator.evaluate()
             paths = evaluator.write(self.workdir, step, metrics)
             logging.info(
                 "Eval at step %d (%d images, %.1fs): %s; wrote %s",
@@ -553,9 +569,9 @@ class Run:
                 _format(metrics, [k for k in metrics if k.removeprefix("segm_") in SHOWN_METRICS]),
                 ", ".join(paths),
             )
-            for iou_type, rows in evaluator.per_class.items():
-                logging.info("Per-class %s AP at step %d:\n%s", iou_type, step, format_per_class(rows))
-        return metrics
+            for iou_type, table in evaluator.per_class.items():
+                logging.info("Per-class %s AP at step %d:\n%s", iou_type, step, format_per_class(table))
+        return distributed.broadcast_json(metrics if main else None)
 
     def _pictures(self, batch, detections, evaluator) -> list[np.ndarray]:
         from scaledet_jax.tools import visualize
@@ -579,6 +595,20 @@ class Run:
             self.config.eval_pictures - len(self.pictures),
             bgr=spec.get("channels", "rgb") == "bgr",
         )
+
+
+# The batch fields the evaluators read (image ids, sizes, and the objects when no json holds them), gathered
+# with the detections so that process 0 sees every process's rows.
+EVAL_ROW_FIELDS = ("image_id", "original_size", "scale", "boxes", "classes", "valid", "crowd")
+
+
+def _device_dtype(array: np.ndarray) -> np.ndarray:
+    """64-bit host arrays as the 32-bit ones JAX holds (COCO image ids fit in int32)."""
+    if array.dtype == np.int64:
+        return array.astype(np.int32)
+    if array.dtype == np.float64:
+        return array.astype(np.float32)
+    return array
 
 
 def _checkpoint_manager(directory: str, config: ml_collections.ConfigDict):

@@ -13,6 +13,7 @@ there, so a resumed run starts reading at step k directly: nothing is replayed o
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import threading
@@ -512,13 +513,23 @@ def train_batches(
 def eval_batches(
     config: ml_collections.ConfigDict, builder, *, process_index: int = 0, process_count: int = 1
 ) -> Iterator[dict[str, np.ndarray]]:
-    """One pass over the eval split; the last batch is padded (``image_id`` -1) to keep shapes fixed."""
+    """One pass over this process's shard of the eval split, ``eval_batch_size / process_count`` images a batch.
+
+    Padding rows have ``image_id`` -1: the last batch is padded to keep shapes fixed and, with several
+    processes, whole padding batches follow so that every process yields ``eval_batches_per_process`` batches
+    (predict is a collective call: a process with one batch fewer would leave the others waiting forever)."""
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
     _hide_accelerators_from_tf()
     data = config.data
+    if data.eval_batch_size % process_count:
+        raise UserError(
+            f"eval_batch_size {data.eval_batch_size} does not divide over {process_count} processes: set "
+            f"--config.data.eval_batch_size to a multiple of {process_count}"
+        )
     per_host = data.eval_batch_size // process_count
+    batches = eval_batches_per_process(config, builder, process_count) if process_count > 1 else None
     split = tfds.even_splits(data.eval_split, n=process_count)[process_index]
     ds = coco_structure(builder.as_dataset(split=split, shuffle_files=False), data)
     ds = ds.map(
@@ -534,12 +545,39 @@ def eval_batches(
         ),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
-    for batch in tfds.as_numpy(ds.batch(per_host).prefetch(2)):
+    ds = ds.batch(per_host)
+    yielded = 0
+    for batch in tfds.as_numpy(ds.prefetch(2)):
         n = len(batch["image_id"])
         if n < per_host:
             batch = {k: np.concatenate([v, np.zeros((per_host - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
             batch["image_id"][n:] = -1
+        yielded += 1
         yield batch
+    if batches is not None:
+        if yielded > batches:  # even_splits' shards differ by one example at most: cannot happen
+            raise RuntimeError(f"process {process_index} read {yielded} eval batches, more than the {batches} planned")
+        spec = {k: (v.shape[1:], v.dtype.as_numpy_dtype) for k, v in ds.element_spec.items()}
+        for _ in range(batches - yielded):
+            padding = {k: np.zeros((per_host,) + tuple(shape), dtype) for k, (shape, dtype) in spec.items()}
+            padding["image_id"][:] = -1
+            yield padding
+
+
+def eval_batches_per_process(config: ml_collections.ConfigDict, builder, process_count: int) -> int:
+    """Eval batches each of ``process_count`` processes runs: its largest shard's, in batches of
+    ``eval_batch_size / process_count``."""
+    data = config.data
+    try:
+        examples = builder.info.splits[data.eval_split].num_examples
+    except (KeyError, ValueError):
+        examples = 0
+    if not examples:
+        raise UserError(
+            f"the size of eval split {data.eval_split!r} is unknown, and {process_count} processes must agree on "
+            "how many eval batches to run: evaluate with one process (--mode=eval without --multihost)"
+        )
+    return math.ceil(math.ceil(examples / process_count) / (data.eval_batch_size // process_count))
 
 
 def tfds_ground_truth(config: ml_collections.ConfigDict, builder) -> dict:
