@@ -824,6 +824,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluate
     use_compilation_cache(config.get("compilation_cache_dir", ""))
     run = Run(config, workdir, needs_eval=evaluate)
     writer = metric_writers.create_default_writer(run.workdir, just_logging=jax.process_index() > 0)
+    if jax.process_index() == 0:  # what predict and Detector.from_checkpoint(workdir) read: config, class names
+        from scaledet_jax import detector
+
+        detector.write_card(run.workdir, config, pipeline.dataset_categories(config, run.workdir, run.builder))
     state = run.restore_or_init()
     start_step = int(state.step)
     if start_step == 0:

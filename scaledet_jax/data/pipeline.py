@@ -630,3 +630,25 @@ def tfds_ground_truth(config: ml_collections.ConfigDict, builder) -> dict:
         for category, index in sorted(used)
     ]
     return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def dataset_categories(config: ml_collections.ConfigDict, workdir: str, builder) -> dict[int, str]:
+    """{category id: name} of the training data: its COCO json's categories (COCO folder, synthetic set, a VOC
+    folder's prepared json), or the tfds dataset's class names at the category ids the model trains on."""
+    import tensorflow_datasets as tfds
+
+    from scaledet_jax.data import coco_folder
+
+    data = config.data
+    split = data.train_split
+    path = (getattr(builder, "annotation_jsons", None) or {}).get(split)
+    if not path and data.source in ("synthetic", "coco_folder"):
+        folder = data.coco_folder or os.path.join(workdir, "synthetic_data")
+        path = coco_folder.json_path(folder, split)
+    if path and os.path.exists(path):
+        return coco_folder.category_names_from_json(path)
+    label = builder.info.features["objects"]["label"]
+    if not isinstance(label, tfds.features.ClassLabel):
+        return {}
+    mapping = label_map(data)
+    return {int(mapping[i]) if mapping else i: name for i, name in enumerate(label.names)}
