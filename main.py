@@ -1,7 +1,7 @@
 """scaledet_jax entry point.
 
     python main.py --config=configs/spinenet49.py --workdir=runs/spinenet49 [--config.key=value ...]
-                   [--mode=train_and_eval|train|eval|profile]
+                   [--mode=train_and_eval|train|eval|profile|browse]
                    [--multihost [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]]
 
 Thin on purpose: flags in, one library call out. Several hosts (a TPU pod slice, a multi-node GPU job) run the
@@ -10,6 +10,7 @@ same command with --multihost on every host (README: Multi-host).
   train           train only
   eval            evaluate WORKDIR's latest checkpoint
   profile         trainable parameters and FLOPs of the config's model
+  browse          draw the first augmented training examples with their boxes (WORKDIR/browse.png)
 
 Exit status: 0 done; 2 a mistake in the command, config, data or paths (one line `main.py: error: ...`);
 1 the run failed (NaN/Inf guard, out of memory: one line) or a bug (traceback); 130 interrupted
@@ -26,7 +27,8 @@ from scaledet_jax.cli import UserError, config_from_flags, define_config_flag, r
 
 define_config_flag()
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and evaluation results.")
-flags.DEFINE_enum("mode", "train_and_eval", ["train_and_eval", "train", "eval", "profile"], "What to run.")
+flags.DEFINE_enum("mode", "train_and_eval", ["train_and_eval", "train", "eval", "profile", "browse"], "What to run.")
+flags.DEFINE_integer("browse_images", 8, "With --mode=browse: how many augmented training examples to draw.")
 flags.DEFINE_bool(
     "multihost",
     False,
@@ -52,6 +54,13 @@ def main(argv: list[str]) -> None:
         raise UserError("--workdir is required for training and evaluation, e.g. --workdir=runs/quickstart")
     from scaledet_jax import distributed, train
 
+    if FLAGS.mode == "browse":
+        from scaledet_jax.tools import browse
+
+        path = browse.browse(config, FLAGS.workdir, FLAGS.browse_images)
+        logging.info("Wrote %s", path)
+        print(f"Wrote {path}")
+        return
     distributed.initialize(FLAGS.multihost, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if FLAGS.mode == "eval":
         metrics = train.evaluate(config, FLAGS.workdir)
