@@ -80,6 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.synthetic_train_images = 600  # data.source='synthetic' writes a COCO folder (workdir/synthetic_data)
     data.synthetic_val_images = 100
     data.synthetic_seed = 0
+    # Shapes drawn, as classes 1..N: '' = circle,square,triangle; also pentagon, hexagon, star, cross.
+    data.synthetic_classes = ""
     data.synthetic_format = "coco"  # 'voc': a VOC folder instead (workdir/synthetic_voc), some objects difficult
     # Where a COCO folder's prepared tfds copy goes ('' = FOLDER/tfds, or WORKDIR/prepared_data when the
     # folder is read-only); each copy is keyed by a fingerprint of the jsons and image files.

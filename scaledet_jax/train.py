@@ -470,22 +470,38 @@ class Run:
         return moved
 
     def _load_converted(self, state: TrainState) -> TrainState:
+        """``init_from``'s weights (a converted directory, or another run's newest checkpoint) over the fresh
+        state; with a different class count the class-dependent predictor tensors keep their fresh init."""
         from scaledet_jax.convert import checkpoint
 
-        loaded = checkpoint.load_converted(self.config.init_from)
+        source = self.config.init_from
+        loaded = init_from_variables(source)
+        source_classes = init_from_num_classes(source)
+        other_classes = source_classes is not None and source_classes != self.config.model.num_classes
+        reinitialised: list[str] | None = [] if other_classes else None
         params, n_params, fresh = checkpoint.merge_into(
-            jax.device_get(state.params), loaded.get("params", {}), "params"
+            jax.device_get(state.params), loaded.get("params", {}), "params", reinitialised
         )
         stats, n_stats, _ = checkpoint.merge_into(
-            jax.device_get(state.batch_stats), loaded.get("batch_stats", {}), "batch_stats"
+            jax.device_get(state.batch_stats), loaded.get("batch_stats", {}), "batch_stats", reinitialised
         )
         logging.info(
             "Initialised %d parameter and %d statistics tensors from %s; %d parameter tensors keep their random init",
             n_params,
             n_stats,
-            self.config.init_from,
+            source,
             fresh,
         )
+        if reinitialised:
+            logging.warning(
+                "init_from %s has %d classes, the config %d: the dataset's classes are kept and %d class-dependent "
+                "tensors are re-initialised (%s)",
+                source,
+                source_classes,
+                self.config.model.num_classes,
+                len(reinitialised),
+                ", ".join(name.removeprefix("params/") for name in reinitialised),
+            )
         params = jax.device_put(params, self.replicated)
         return state.replace(
             params=params,
@@ -941,7 +957,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluate
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Evaluates the latest checkpoint in ``workdir`` (or ``config.init_from`` when it has none)."""
-    _apply_init_from_options(config)
+    # Evaluating a converted checkpoint itself (no run yet): with its own classes.
+    _apply_init_from_options(config, keep_source_classes=_has_no_checkpoint(workdir))
     use_compilation_cache(config.get("compilation_cache_dir", ""))
     if not config.init_from and not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise UserError(
@@ -957,10 +974,69 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     return run.evaluate(run.restore_or_init())
 
 
-def _apply_init_from_options(config: ml_collections.ConfigDict) -> None:
-    """A converted checkpoint brings the model options its source's semantics need (padding, ...)."""
-    if config.get("init_from"):
-        from scaledet_jax.convert import checkpoint
+def _has_no_checkpoint(workdir: str) -> bool:
+    from scaledet_jax import detector
 
-        for change in checkpoint.apply_model_options(config, config.init_from):
-            logging.info("init_from %s sets %s", config.init_from, change)
+    return detector.newest_checkpoint(workdir) is None
+
+
+CLASS_OPTIONS = ("num_classes", "category_ids", "background_slot")  # a source's class layout
+
+
+def _is_run(path: str) -> bool:
+    from scaledet_jax.convert import checkpoint
+
+    return not os.path.isfile(os.path.join(path, checkpoint.INFO_FILE)) and os.path.isdir(
+        os.path.join(path, "checkpoints")
+    )
+
+
+def init_from_variables(path: str) -> dict[str, Any]:
+    """{'params', 'batch_stats'} of ``init_from``: a converted directory, or a training run's newest checkpoint
+    (its EMA parameters when it kept them)."""
+    from scaledet_jax import detector
+    from scaledet_jax.convert import checkpoint
+
+    if _is_run(path):
+        step_dir = detector.newest_checkpoint(path)
+        if step_dir is None:
+            raise UserError(f"init_from {path}: no finished checkpoint in {os.path.join(path, 'checkpoints')}")
+        return detector._restore_variables(step_dir)
+    return checkpoint.load_converted(path)
+
+
+def init_from_num_classes(path: str) -> int | None:
+    """The class count ``init_from``'s weights were made for (None when its source does not say)."""
+    from scaledet_jax import detector
+    from scaledet_jax.convert import checkpoint
+
+    if _is_run(path):
+        config, _ = detector.read_card(path)
+        return int(config.model.num_classes) if config is not None else None
+    count = checkpoint.read_info(path).get("model_options", {}).get("num_classes")
+    return int(count) if count is not None else None
+
+
+def _apply_init_from_options(config: ml_collections.ConfigDict, keep_source_classes: bool = False) -> None:
+    """A converted checkpoint brings the model options its source's semantics need (padding, ...). Its class
+    layout (``CLASS_OPTIONS``) too when the config asks for as many classes as it has, or with
+    ``keep_source_classes`` (evaluating the checkpoint as it is); otherwise the config's classes win and
+    ``Run._load_converted`` re-initialises the class-dependent tensors."""
+    if not config.get("init_from"):
+        return
+    from scaledet_jax.convert import checkpoint
+
+    if _is_run(config.init_from):
+        return  # trained here: no foreign semantics; its class count is read when its weights are loaded
+    options = dict(checkpoint.read_info(config.init_from).get("model_options", {}))
+    source_classes = options.get("num_classes")
+    if not keep_source_classes and source_classes is not None and source_classes != config.model.num_classes:
+        options = {k: v for k, v in options.items() if k not in CLASS_OPTIONS}
+        logging.info(
+            "init_from %s was trained on %d classes; the config's %d classes are kept (fine-tuning on other classes)",
+            config.init_from,
+            source_classes,
+            config.model.num_classes,
+        )
+    for change in checkpoint.set_model_options(config, options):
+        logging.info("init_from %s sets %s", config.init_from, change)

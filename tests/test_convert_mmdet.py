@@ -229,6 +229,13 @@ def test_mmdet_efficientdet_checkpoint_evaluates_and_finetunes_through_main(tmp_
     assert detections and {d["category_id"] for d in detections} <= set(COCO_80_CATEGORY_IDS)
     assert {d["category_id"] for d in detections} - {1, 2, 3}  # COCO ids beyond the first outputs occur
 
+    # Fine-tuning on the 3 synthetic classes (issue 14 item 4): the dataset's classes win over the checkpoint's 80;
+    # everything but the class predictor loads.
     result = run(*tiny, f"--workdir={tmp_path / 'finetune'}", "--config.total_steps=2", "--mode=train")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Initialised" in result.stderr and (tmp_path / "finetune" / "checkpoints" / "2").is_dir()
+    assert "has 80 classes, the config 3: the dataset's classes are kept" in result.stderr
+    assert "class_predict" in result.stderr.split("re-initialised")[-1].splitlines()[0]
+    card = json.load(open(tmp_path / "finetune" / "detector.json"))
+    assert card["config"]["model"]["num_classes"] == 3 and card["config"]["model"]["category_ids"] == []
+    assert card["categories"] == {"1": "circle", "2": "square", "3": "triangle"}

@@ -163,3 +163,56 @@ def test_predict_cli_mistakes_are_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no image files found" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def _flat(tree) -> dict:
+    import jax
+
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_init_from_a_run_with_other_classes_keeps_all_but_the_class_predictor(run, tmp_path, caplog):
+    """Fine-tuning on other classes (issue 14 item 4): init_from a run trained on 3 shapes, on a set of 4 other
+    shapes: every tensor loads but the class predictor, which keeps its fresh (prior-probability) init."""
+    import logging
+
+    from scaledet_jax import detector as detector_module
+    from scaledet_jax.heads.retinanet import prior_probability_bias
+
+    workdir = run[0]
+    source = _flat(detector_module._restore_variables(detector_module.newest_checkpoint(workdir))["params"])
+    config = _config()
+    config.data.synthetic_classes = "pentagon,star,cross,hexagon"
+    config.model.num_classes = 5
+    config.init_from = workdir
+    caplog.set_level(logging.INFO)
+    state = train.Run(config, str(tmp_path / "other")).restore_or_init()
+    loaded = _flat(state.params)
+    different = sorted(k for k in loaded if loaded[k].shape != source[k].shape)
+    assert different == ["['head']['class_predict']['bias']", "['head']['class_predict']['kernel']"]
+    assert all(np.array_equal(loaded[k], source[k]) for k in loaded if k not in different)
+    np.testing.assert_allclose(loaded["['head']['class_predict']['bias']"], prior_probability_bias(0.01), rtol=1e-6)
+    warning = [r.getMessage() for r in caplog.records if "re-initialised" in r.getMessage()]
+    assert (
+        len(warning) == 1 and "has 4 classes, the config 5" in warning[0] and "head/class_predict/kernel" in warning[0]
+    )
+    # The same classes: everything loads, nothing is re-initialised.
+    caplog.clear()
+    same = _config()
+    same.init_from = workdir
+    state = train.Run(same, str(tmp_path / "same")).restore_or_init()
+    assert all(np.array_equal(x, source[k]) for k, x in _flat(state.params).items())
+    assert not [r for r in caplog.records if "re-initialised" in r.getMessage()]
+
+
+def test_synthetic_set_with_other_classes(tmp_path):
+    config = _config()
+    config.data.synthetic_classes = "star,cross"
+    config.model.num_classes = 3
+    from scaledet_jax.data import pipeline
+
+    builder = pipeline.get_builder(config, str(tmp_path))
+    assert pipeline.dataset_categories(config, str(tmp_path), builder) == {1: "star", 2: "cross"}
+    config.data.synthetic_classes = "star,blob"
+    with pytest.raises(UserError, match="synthetic_classes.*blob"):
+        pipeline.get_builder(config, str(tmp_path / "bad"))

@@ -300,8 +300,14 @@ def set_model_options(config, options: dict[str, Any]) -> list[str]:
     return changes
 
 
-def merge_into(target: Any, loaded: Any, where: str = "") -> tuple[Any, int, int]:
-    """Replaces the leaves of ``target`` present in ``loaded`` (same shapes); (tree, loaded, kept)."""
+def merge_into(
+    target: Any, loaded: Any, where: str = "", reinitialised: list[str] | None = None
+) -> tuple[Any, int, int]:
+    """Replaces the leaves of ``target`` present in ``loaded`` (same shapes); (tree, loaded, kept).
+
+    ``reinitialised``: a list when the source's class count differs from the model's (fine-tuning on other
+    classes): a tensor that differs only in its last axis (a class predictor's outputs) keeps ``target``'s
+    fresh initialisation and its path is appended; without it any shape difference is an error."""
     if isinstance(loaded, dict):
         if not isinstance(target, dict):
             raise UserError(f"converted checkpoint has a sub-tree at {where or '/'} where the model has a tensor")
@@ -313,15 +319,17 @@ def merge_into(target: Any, loaded: Any, where: str = "") -> tuple[Any, int, int
         out, n_loaded, n_kept = dict(target), 0, 0
         for key, value in target.items():
             if key in loaded:
-                out[key], a, b = merge_into(value, loaded[key], f"{where}/{key}")
+                out[key], a, b = merge_into(value, loaded[key], f"{where}/{key}", reinitialised)
             else:
                 a, b = 0, len(_leaves(value))
             n_loaded, n_kept = n_loaded + a, n_kept + b
         return out, n_loaded, n_kept
-    if tuple(np.shape(loaded)) != tuple(target.shape):
-        raise UserError(
-            f"converted {where} has shape {tuple(np.shape(loaded))}, the model {tuple(target.shape)} (config mismatch?)"
-        )
+    have, want = tuple(np.shape(loaded)), tuple(target.shape)
+    if have != want:
+        if reinitialised is not None and len(have) == len(want) and have[:-1] == want[:-1]:
+            reinitialised.append(where)
+            return target, 0, 1
+        raise UserError(f"converted {where} has shape {have}, the model {want} (config mismatch?)")
     return np.asarray(loaded).astype(target.dtype), 1, 0
 
 

@@ -73,7 +73,15 @@ def get_builder(config: ml_collections.ConfigDict, workdir: str):
     if data.source == "synthetic":
         folder = data.coco_folder or os.path.join(workdir, "synthetic_data")
         try:
-            synthetic.generate(folder, data.synthetic_train_images, data.synthetic_val_images, data.synthetic_seed)
+            synthetic.generate(
+                folder,
+                data.synthetic_train_images,
+                data.synthetic_val_images,
+                data.synthetic_seed,
+                classes=data.get("synthetic_classes", ""),
+            )
+        except ValueError as e:
+            raise UserError(f"data.synthetic_classes: {e}") from None
         except OSError as e:
             raise UserError(
                 f"cannot write the synthetic dataset to {folder}: {e.strerror or e}; use a writable workdir or "

@@ -28,6 +28,22 @@ CATEGORIES = [
 ]
 
 
+# Further shapes for a synthetic set with other classes (fine-tuning experiments): data.synthetic_classes.
+SHAPES = ("circle", "square", "triangle", "pentagon", "hexagon", "star", "cross")
+
+
+def categories_for(classes: str | tuple[str, ...] = "") -> list[dict]:
+    """COCO categories (ids 1..N) of the comma-separated shape names; '' = circle, square, triangle."""
+    names = [n.strip() for n in classes.split(",")] if isinstance(classes, str) else list(classes)
+    names = [n for n in names if n]
+    if not names:
+        return CATEGORIES
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(f"synthetic classes must be distinct names among {', '.join(SHAPES)}; got {', '.join(names)}")
+    return [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(names)]
+
+
 def _background(rng: np.random.RandomState, height: int, width: int) -> np.ndarray:
     """A smooth colour gradient, random stripes and pixel noise."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -53,6 +69,22 @@ def _polygon(kind: str, cx: float, cy: float, size: float, rng: np.random.Random
             )
             for k in range(4)
         ]
+    if kind in ("pentagon", "hexagon"):
+        n, a = (5 if kind == "pentagon" else 6), rng.uniform(0, 2 * math.pi)
+        return [
+            (cx + r * math.cos(a + k * 2 * math.pi / n), cy + r * math.sin(a + k * 2 * math.pi / n)) for k in range(n)
+        ]
+    if kind == "star":
+        a = rng.uniform(0, 2 * math.pi)
+        return [
+            (cx + (r if k % 2 == 0 else 0.45 * r) * math.cos(a + k * math.pi / 5),
+             cy + (r if k % 2 == 0 else 0.45 * r) * math.sin(a + k * math.pi / 5))
+            for k in range(10)
+        ]  # fmt: skip
+    if kind == "cross":
+        w = r / 3
+        return [(cx + x, cy + y) for x, y in ((-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r),
+                                                (-w, w), (-r, w), (-r, -w), (-w, -w))]  # fmt: skip
     a = rng.uniform(0, 2 * math.pi)
     return [
         (cx + r * 1.2 * math.cos(a + k * 2 * math.pi / 3), cy + r * 1.2 * math.sin(a + k * 2 * math.pi / 3))
@@ -67,14 +99,14 @@ def _iou(a, b) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def make_example(rng: np.random.RandomState, height: int, width: int):
+def make_example(rng: np.random.RandomState, height: int, width: int, categories: list[dict] = CATEGORIES):
     """One image (uint8 HxWx3) and its objects [(category_id, polygon, (x0, y0, x1, y1))]."""
     image = Image.fromarray(_background(rng, height, width).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     objects = []
     for _ in range(rng.randint(1, 7)):
         for _attempt in range(20):
-            category = CATEGORIES[rng.randint(len(CATEGORIES))]
+            category = categories[rng.randint(len(categories))]
             size = rng.uniform(0.12, 0.5) * min(height, width)
             cx, cy = rng.uniform(size / 2, width - size / 2), rng.uniform(size / 2, height - size / 2)
             polygon = _polygon(category["name"], cx, cy, size, rng)
@@ -96,8 +128,12 @@ def _polygon_area(polygon) -> float:
     return float(0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))))
 
 
-def write_split(folder: str, split: str, num_images: int, seed: int, min_size: int = 96, max_size: int = 160) -> str:
-    """Writes ``folder/<split>/*.png`` and ``folder/annotations/instances_<split>.json``; returns the json path."""
+def write_split(
+    folder: str, split: str, num_images: int, seed: int, min_size: int = 96, max_size: int = 160, classes: str = ""
+) -> str:
+    """Writes ``folder/<split>/*.png`` and ``folder/annotations/instances_<split>.json``; returns the json path.
+    ``classes``: the shapes drawn (``categories_for``)."""
+    categories = categories_for(classes)
     rng = np.random.RandomState(seed)
     image_dir = os.path.join(folder, split)
     os.makedirs(image_dir, exist_ok=True)
@@ -105,7 +141,7 @@ def write_split(folder: str, split: str, num_images: int, seed: int, min_size: i
     images, annotations = [], []
     for index in range(num_images):
         height, width = rng.randint(min_size, max_size + 1, 2)
-        pixels, objects = make_example(rng, int(height), int(width))
+        pixels, objects = make_example(rng, int(height), int(width), categories)
         file_name = f"{index:06d}.png"
         Image.fromarray(pixels).save(os.path.join(image_dir, file_name))
         image_id = index + 1
@@ -125,20 +161,23 @@ def write_split(folder: str, split: str, num_images: int, seed: int, min_size: i
     path = os.path.join(folder, "annotations", f"instances_{split}.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"images": images, "annotations": annotations, "categories": CATEGORIES}, f)
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
     os.replace(tmp, path)  # the json appears only once the split is complete
     return path
 
 
-def generate(folder: str, num_train: int, num_val: int, seed: int = 0) -> None:
-    """Writes the train and held-out 'val' splits (different seeds) unless they already exist."""
+def generate(folder: str, num_train: int, num_val: int, seed: int = 0, classes: str = "") -> None:
+    """Writes the train and held-out 'val' splits (different seeds) unless they already exist (same image
+    count and classes)."""
+    categories = categories_for(classes)
     for split, count, split_seed in (("train", num_train, seed), ("val", num_val, seed + 1_000_003)):
         path = os.path.join(folder, "annotations", f"instances_{split}.json")
         if os.path.exists(path):
             with open(path) as f:
-                if len(json.load(f)["images"]) == count:
-                    continue
-        write_split(folder, split, count, split_seed)
+                existing = json.load(f)
+            if len(existing["images"]) == count and existing["categories"] == categories:
+                continue
+        write_split(folder, split, count, split_seed, classes=classes)
         # A tfds copy prepared from the old files would be stale.
         shutil.rmtree(os.path.join(folder, "tfds"), ignore_errors=True)
 
