@@ -73,7 +73,7 @@ def newest_checkpoint(workdir: str) -> str | None:
     return None
 
 
-def _restore_variables(step_dir: str) -> dict[str, Any]:
+def restore_variables(step_dir: str) -> dict[str, Any]:
     """{'params', 'batch_stats'} of a training checkpoint as host arrays; the EMA parameters when the run kept
     them (what evaluation uses)."""
     import orbax.checkpoint as ocp
@@ -155,7 +155,7 @@ class Detector:
             config = config or stored
             if config is None:
                 raise UserError(f"{path} has no {CARD} (trained before it was written): give its config (--config=...)")
-            variables = _restore_variables(step_dir)
+            variables = restore_variables(step_dir)
         _check_fits(build_task(config), config, variables, path)
         return cls(config, variables, categories, batch_size)
 

@@ -1001,7 +1001,7 @@ def init_from_variables(path: str) -> dict[str, Any]:
         step_dir = detector.newest_checkpoint(path)
         if step_dir is None:
             raise UserError(f"init_from {path}: no finished checkpoint in {os.path.join(path, 'checkpoints')}")
-        return detector._restore_variables(step_dir)
+        return detector.restore_variables(step_dir)
     return checkpoint.load_converted(path)
 
 

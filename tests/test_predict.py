@@ -180,7 +180,7 @@ def test_init_from_a_run_with_other_classes_keeps_all_but_the_class_predictor(ru
     from scaledet_jax.heads.retinanet import prior_probability_bias
 
     workdir = run[0]
-    source = _flat(detector_module._restore_variables(detector_module.newest_checkpoint(workdir))["params"])
+    source = _flat(detector_module.restore_variables(detector_module.newest_checkpoint(workdir))["params"])
     config = _config()
     config.data.synthetic_classes = "pentagon,star,cross,hexagon"
     config.model.num_classes = 5
