@@ -171,6 +171,31 @@ def test_predict_returns_masks_of_the_detected_class(task_and_batch):
     np.testing.assert_allclose(detections["masks"][valid], jax.nn.sigmoid(chosen)[valid], atol=1e-6)
 
 
+def test_jax_export_gives_the_detectors_boxes_and_masks(task_and_batch):
+    """The exported Mask R-CNN (issue 14 item 3) returns each box's mask probabilities; pasted into the image
+    they are Detector.predict's masks."""
+    from scaledet_jax import export
+    from scaledet_jax.detector import Detector
+
+    config, task, batch, variables = task_and_batch
+    params = jax.tree_util.tree_map(lambda x: x, variables["params"])
+    params["box_head"]["class_logits"]["kernel"] = params["box_head"]["class_logits"]["kernel"] * 300.0
+    detector = Detector(config, {**variables, "params": params}, {1: "circle", 2: "square", 3: "triangle"})
+    exported = jax.export.deserialize(export.export_jax(detector))
+    image = np.random.RandomState(1).randint(0, 256, (150, 110, 3)).astype(np.uint8)
+    expected = detector.predict([image])[0]
+    found = jax.tree_util.tree_map(np.asarray, exported.call(image))
+    n = int(found["num_detections"])
+    assert n == len(expected["scores"]) > 0
+    assert found["mask_probabilities"].shape == (config.model.detection.max_detections, 28, 28)
+    np.testing.assert_array_equal(found["classes"][:n], expected["classes"])
+    np.testing.assert_allclose(found["scores"][:n], expected["scores"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(found["boxes"][:n], expected["boxes"], atol=0.01, rtol=0)
+    pasted = mask_ops.paste_masks(found["mask_probabilities"][:n], found["boxes"][:n][:, [1, 0, 3, 2]], 150, 110)
+    assert expected["masks"].any()
+    assert np.mean(pasted != expected["masks"]) < 1e-4  # only pixels at exactly 0.5 +- rounding may differ
+
+
 def test_trains_and_evaluates_boxes_and_masks_through_the_main_job(tmp_path):
     """A few steps on synthetic shapes (masks from the COCO json's polygons), then the evaluation:
     bbox and segm metrics, both results files, RLE masks of the images' size."""

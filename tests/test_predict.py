@@ -216,3 +216,106 @@ def test_synthetic_set_with_other_classes(tmp_path):
     config.data.synthetic_classes = "star,blob"
     with pytest.raises(UserError, match="synthetic_classes.*blob"):
         pipeline.get_builder(config, str(tmp_path / "bad"))
+
+
+# Export (issue 14 item 3): the artifacts run in processes that cannot import scaledet_jax (and, for the
+# SavedModel, not JAX either) and give Detector.predict's detections.
+_BLOCK_IMPORTS = """
+import sys
+class _Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError(f"{{name}} is not importable in this test")
+        return None
+sys.meta_path.insert(0, _Blocked())
+"""
+_RUN_JAX_EXPORT = """
+import jax, numpy as np
+exported = jax.export.deserialize(open(sys.argv[1], "rb").read())
+images = np.load(sys.argv[2])
+np.savez(sys.argv[3], **{f"{k}/{n}": np.asarray(v) for k in images.files for n, v in exported.call(images[k]).items()})
+"""
+_RUN_SAVED_MODEL = """
+import numpy as np, tensorflow as tf
+serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+images = np.load(sys.argv[2])
+found = {k: serve(image=tf.constant(images[k])) for k in images.files}
+np.savez(sys.argv[3], **{f"{k}/{n}": v.numpy() for k in images.files for n, v in found[k].items()})
+"""
+
+
+def _export_images(run) -> list[np.ndarray]:
+    workdir, images, _ = run
+    pixels = [read_rgb(os.path.join(workdir, "synthetic_data", "val", image["file_name"])) for image in images[:3]]
+    wide = np.concatenate([pixels[0], pixels[0][:, ::-1], pixels[0]], axis=1)
+    return [*pixels, wide, np.ascontiguousarray(pixels[1][:40, :, :])]  # landscape 3:1 and a thin strip
+
+
+@pytest.mark.parametrize("export_format", ["jax", "saved_model"])
+def test_exported_detector_runs_without_scaledet_jax_and_gives_the_python_detections(
+    run, detector, tmp_path, export_format
+):
+    output = tmp_path / "exported"
+    result = subprocess.run(
+        [sys.executable, "-m", "scaledet_jax.export", f"--workdir={run[0]}", f"--format={export_format}",
+         f"--output={output}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((output / "labels.json").read_text()) == {"1": "circle", "2": "square", "3": "triangle"}
+    manifest = json.loads((output / "export.json").read_text())
+    assert manifest["format"] == export_format
+    assert set(manifest["outputs"]) == {"boxes", "scores", "classes", "num_detections"}
+    assert not [p for p in os.listdir(tmp_path) if "partial" in p]
+
+    pixels = _export_images(run)
+    np.savez(tmp_path / "images.npz", *pixels)
+    if export_format == "jax":
+        program, blocked, artifact = _RUN_JAX_EXPORT, {"scaledet_jax"}, output / "model.jax"
+    else:
+        program, blocked, artifact = _RUN_SAVED_MODEL, {"scaledet_jax", "jax", "jaxlib", "flax"}, output
+    script = _BLOCK_IMPORTS.format(blocked=blocked) + program
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(artifact), str(tmp_path / "images.npz"), str(tmp_path / "found.npz")],
+        cwd=str(tmp_path), capture_output=True, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = np.load(tmp_path / "found.npz")
+    expected = detector.predict(pixels)
+    for k, (image, python) in enumerate(zip(pixels, expected, strict=True)):
+        n = int(found[f"arr_{k}/num_detections"])
+        assert n == len(python["scores"]) > 0, (image.shape, n, len(python["scores"]))
+        boxes, scores, classes = (found[f"arr_{k}/{name}"] for name in ("boxes", "scores", "classes"))
+        assert boxes.shape == (20, 4) and np.all(boxes[n:] == 0) and np.all(scores[n:] == 0)
+        np.testing.assert_array_equal(classes[:n], python["classes"])
+        np.testing.assert_allclose(scores[:n], python["scores"], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(boxes[:n], python["boxes"], atol=0.01, rtol=0)  # original pixels
+
+
+def test_export_mistakes_are_one_line_and_a_failed_export_leaves_nothing(run, detector, tmp_path, monkeypatch):
+    from scaledet_jax import export
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    for arguments, message in [
+        ([f"--workdir={run[0]}", f"--output={existing}"], "already exists"),
+        ([f"--workdir={run[0]}", f"--init_from={run[0]}", f"--output={tmp_path / 'a'}"], "give one of"),
+        ([f"--workdir={run[0]}", "--platforms=cpu,gpux", f"--output={tmp_path / 'a'}"], "unknown platform 'gpux'"),
+        ([f"--workdir={tmp_path}", f"--output={tmp_path / 'a'}"], "no checkpoint"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", "scaledet_jax.export", *arguments], cwd=ROOT, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert os.listdir(existing) == [] and not (tmp_path / "a").exists()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(export, "export_jax", broken)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        export.export(detector, "jax", str(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path)) == ["existing"]  # neither the output nor its partial directory
