@@ -663,3 +663,76 @@ if __name__ == "__main__":
     print(f"d0 forward at {size}x{size}:")
     for level, (c, b) in enumerate(zip(cls_scores, bbox_preds, strict=True), start=3):
         print(f"  P{level}: cls {tuple(c.shape)}  box {tuple(b.shape)}")
+
+
+def mmdet_v1_delta2bbox(anchors: torch.Tensor, deltas: torch.Tensor, max_shape: tuple[int, int]) -> torch.Tensor:
+    """mmdet v1 ``delta2bbox`` (means 0, stds 1; ``wh_ratio_clip`` 16 / 1000 on both sides; "+1" widths;
+    clamped to ``[0, w - 1] x [0, h - 1]``). ``deltas`` (dx, dy, dw, dh)."""
+    max_ratio = abs(math.log(16 / 1000))
+    dx, dy = deltas[:, 0], deltas[:, 1]
+    dw, dh = deltas[:, 2].clamp(min=-max_ratio, max=max_ratio), deltas[:, 3].clamp(min=-max_ratio, max=max_ratio)
+    px, py = (anchors[:, 0] + anchors[:, 2]) * 0.5, (anchors[:, 1] + anchors[:, 3]) * 0.5
+    pw, ph = anchors[:, 2] - anchors[:, 0] + 1.0, anchors[:, 3] - anchors[:, 1] + 1.0
+    gw, gh = pw * dw.exp(), ph * dh.exp()
+    gx, gy = px + pw * dx, py + ph * dy
+    x1, y1 = gx - gw * 0.5 + 0.5, gy - gh * 0.5 + 0.5
+    x2, y2 = gx + gw * 0.5 - 0.5, gy + gh * 0.5 - 0.5
+    h, w = max_shape
+    return torch.stack([x1.clamp(0, w - 1), y1.clamp(0, h - 1), x2.clamp(0, w - 1), y2.clamp(0, h - 1)], -1)
+
+
+def mmdet_v1_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """mmdet v1 ``nms`` (its CPU kernel): greedy by score, IoU of "+1" pixel boxes, suppress at >= threshold."""
+    order = torch.argsort(scores, descending=True)
+    areas = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+    suppressed = torch.zeros(len(boxes), dtype=torch.bool)
+    keep = []
+    for position, i in enumerate(order.tolist()):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        rest = order[position + 1 :]
+        w = (torch.minimum(boxes[i, 2], boxes[rest, 2]) - torch.maximum(boxes[i, 0], boxes[rest, 0]) + 1).clamp(min=0)
+        h = (torch.minimum(boxes[i, 3], boxes[rest, 3]) - torch.maximum(boxes[i, 1], boxes[rest, 1]) + 1).clamp(min=0)
+        inter = w * h
+        suppressed[rest[inter / (areas[i] + areas[rest] - inter) >= iou_threshold]] = True
+    return torch.tensor(keep, dtype=torch.long)
+
+
+def mmdet_v1_detections(
+    cls_scores: list[torch.Tensor],
+    bbox_preds: list[torch.Tensor],
+    octave_base_scale: float,
+    img_shape: tuple[int, int],
+    nms_pre: int = 1000,
+    score_thr: float = 0.05,
+    iou_threshold: float = 0.5,
+    max_per_img: int = 100,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mmdet v1 ``AnchorHead.get_bboxes_single`` + ``multiclass_nms`` on one image's per-level NCHW (batch 1)
+    sigmoid logits and box deltas, with the seeds' test_cfg: (boxes "+1" x1, y1, x2, y2, scores, labels 0..C-1)."""
+    boxes_all, scores_all = [], []
+    for cls_score, bbox_pred, stride in zip(cls_scores, bbox_preds, ANCHOR_STRIDES, strict=True):
+        anchors = mmdet_anchors(tuple(cls_score.shape[-2:]), stride, octave_base_scale).to(cls_score.dtype)
+        scores = cls_score[0].permute(1, 2, 0).reshape(len(anchors), -1).sigmoid()
+        deltas = bbox_pred[0].permute(1, 2, 0).reshape(-1, 4)
+        if 0 < nms_pre < scores.shape[0]:
+            _, top = scores.max(dim=1)[0].topk(nms_pre)
+            anchors, deltas, scores = anchors[top], deltas[top], scores[top]
+        boxes_all.append(mmdet_v1_delta2bbox(anchors, deltas, img_shape))
+        scores_all.append(scores)
+    boxes, scores = torch.cat(boxes_all), torch.cat(scores_all)
+    kept_boxes, kept_scores, labels = [], [], []
+    for c in range(scores.shape[1]):
+        chosen = scores[:, c] > score_thr
+        if not chosen.any():
+            continue
+        keep = mmdet_v1_nms(boxes[chosen], scores[chosen, c], iou_threshold)
+        kept_boxes.append(boxes[chosen][keep])
+        kept_scores.append(scores[chosen, c][keep])
+        labels.append(torch.full((len(keep),), c, dtype=torch.long))
+    boxes, scores, labels = torch.cat(kept_boxes), torch.cat(kept_scores), torch.cat(labels)
+    if len(scores) > max_per_img:
+        top = scores.argsort(descending=True)[:max_per_img]
+        boxes, scores, labels = boxes[top], scores[top], labels[top]
+    return boxes, scores, labels

@@ -80,6 +80,58 @@ def test_effdet_converts_with_parity_and_report(small_effdet, tmp_path):
     print(f"\nconvert effdet (3 classes, levels 3-5) @128: max abs diff {diffs}")
 
 
+def test_converted_effdet_gives_detbenchpredicts_detections(small_effdet, tmp_path):
+    """End to end on a fixed image (issue 14 item 5): the converter records effdet's post-processing (its
+    (1.4, 0.7) anchors, unclipped decoding, top 5000 pairs, no score threshold, NMS 0.5, 100 detections) and our
+    predict then gives effdet ``DetBenchPredict``'s detections: same classes, scores within 1e-4, boxes within
+    0.01 px. Both sides run the network in float64; effdet post-processes in float32, as we do."""
+    from effdet.bench import DetBenchPredict
+
+    from scaledet_jax.tasks import build_task
+
+    out = tmp_path / "converted"
+    result = _convert("--from=effdet", "--config=configs/efficientdet_quickstart.py", f"--input={small_effdet}",
+                      f"--output={out}")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = load_config("efficientdet_quickstart")
+    checkpoint.apply_model_options(config, str(out))
+    variables = checkpoint.load_converted(str(out))
+
+    cfg = effdet.get_efficientdet_config("tf_efficientdet_d0")
+    cfg.num_classes, cfg.max_level, cfg.num_levels, cfg.image_size = 3, 5, 3, (128, 128)
+    cfg.anchor_scale = config.model.anchor.anchor_size  # the quickstart's smaller anchors (effdet's D0: 4)
+    model = effdet.EfficientDet(cfg, pretrained_backbone=False)
+    model.load_state_dict(torch.load(small_effdet, weights_only=True)["state_dict"])
+    bench = DetBenchPredict(model.double()).eval()
+    images = np.random.RandomState(3).normal(size=(1, 128, 128, 3))
+    with torch.no_grad():
+        info = {"img_scale": torch.ones(1, dtype=torch.float64), "img_size": torch.tensor([[128.0, 128.0]])}
+        theirs = bench(torch.from_numpy(images).permute(0, 3, 1, 2), img_info=info)[0].float().numpy()
+
+    def ours_with(config):
+        with jax.enable_x64(True):
+            v64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), variables)
+            found = build_task(config).predict(v64, images)
+            return jax.tree_util.tree_map(lambda x: np.asarray(x)[0], found)
+
+    def compare(found):
+        valid = found["valid"]
+        assert valid.sum() == len(theirs) == 100
+        ours = np.concatenate(
+            [found["boxes"][valid][:, [1, 0, 3, 2]], found["scores"][valid][:, None], found["classes"][valid][:, None]],
+            axis=1,
+        )
+        ours, reference = (d[np.lexsort((-d[:, 4], d[:, 5]))] for d in (ours, theirs))  # by class, then score
+        np.testing.assert_array_equal(ours[:, 5], reference[:, 5])
+        np.testing.assert_allclose(ours[:, 4], reference[:, 4], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(ours[:, :4], reference[:, :4], atol=0.01, rtol=0)
+
+    compare(ours_with(config))
+    config.model.anchor.aspect_multipliers = ()  # negative control: sqrt(2) anchors move the 2:1 boxes
+    with pytest.raises(AssertionError):
+        compare(ours_with(config))
+
+
 def test_effdet_pytorch_trained_family_converts_with_parity(tmp_path):
     """effdet's ``efficientdet_*`` (trained in PyTorch: symmetric padding, backbone BN eps 1e-5, no
     redundant biases) is recognised from its checkpoint and converted with those options."""

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 from configs_util import CONFIG_DIR, load_config
-from mmdet_efficientdet_reference import build_mmdet_efficientdet
+from mmdet_efficientdet_reference import build_mmdet_efficientdet, mmdet_v1_detections
 from mmdet_spinenet_reference import build_mmdet_spinenet_retinanet
 from mmdet_spinenet_reference import trainable_parameter_count as torch_parameter_count
 from torch_reference import randomize_
@@ -33,6 +33,7 @@ from torch_reference import randomize_
 from scaledet_jax.convert import checkpoint
 from scaledet_jax.convert.mmdet import COCO_80_CATEGORY_IDS, anchor_permutation
 from scaledet_jax.models import build_model
+from scaledet_jax.tasks import build_task
 from scaledet_jax.tools import profile
 
 ROOT = str(CONFIG_DIR.parent)
@@ -97,6 +98,34 @@ def _load(config, directory):
     return model, variables
 
 
+def _assert_mmdet_detections(reference, config, variables, images, octave_base_scale: float) -> dict:
+    """Our end-to-end detections (the converter's recorded post-processing: mmdet v1 anchors, decoding, per-level
+    candidates, clipping, NMS) on ``images`` equal mmdet v1's own post-processing
+    (``mmdet_v1_detections``) of the PyTorch rebuild's outputs, both in float64: same classes, scores within
+    1e-4, boxes within 0.01 px. Returns our detections."""
+    config = copy.deepcopy(config)
+    config.model.image_size = SIZE
+    task = build_task(config)
+    with torch.no_grad():
+        cls, box = copy.deepcopy(reference).double().eval()(torch.from_numpy(images).permute(0, 3, 1, 2).double())
+    boxes, scores, labels = (x.numpy() for x in mmdet_v1_detections(cls, box, octave_base_scale, (SIZE, SIZE)))
+    with jax.enable_x64(True):
+        v64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), variables)
+        found = jax.tree_util.tree_map(lambda x: np.asarray(x)[0], task.predict(v64, images.astype(np.float64)))
+    valid = found["valid"]
+    ours = {k: v[valid] for k, v in found.items()}
+    assert 20 <= len(scores) == len(ours["scores"]) <= 100, (len(scores), len(ours["scores"]))
+    categories = np.asarray(COCO_80_CATEGORY_IDS)[labels]
+    # Pair them by class, then score (scores a few 1e-8 apart across classes may swap in a plain score order).
+    theirs_order, ours_order = np.lexsort((-scores, categories)), np.lexsort((-ours["scores"], ours["classes"]))
+    np.testing.assert_array_equal(ours["classes"][ours_order], categories[theirs_order])
+    np.testing.assert_allclose(ours["scores"][ours_order], scores[theirs_order], atol=1e-4, rtol=0)
+    # mmdet's inclusive "+1" corners: its x2, y2 are our exclusive x2 - 1, y2 - 1.
+    y1, x1, y2, x2 = (ours["boxes"][ours_order][:, i] for i in range(4))
+    np.testing.assert_allclose(np.stack([x1, y1, x2 - 1, y2 - 1], -1), boxes[theirs_order], atol=0.01, rtol=0)
+    return ours
+
+
 def _convert_and_compare(layout: str, reference, config_name: str, tmp_path, expected_shared: int):
     """Saves ``reference`` as an mmcv checkpoint, converts it through the CLI, and returns
     (config, model, variables, images, distances) with the float64 / float32 distances measured."""
@@ -144,6 +173,14 @@ def test_mmdet_spinenet_converts_with_parity(variant, config_name, tmp_path):
     )
     assert config.model.backbone.resample_pooling == "single" and config.model.activation == "relu"
     assert distances["ours32_exact"] <= 1.5 * distances["torch32_exact"]  # see the module docstring
+    ours = _assert_mmdet_detections(reference, config, variables, images, octave_base_scale=3)
+
+    if variant == "49S":  # negative control: Model Garden's anchors and decoding move the boxes
+        for option in ("plus_one_rounding",):
+            config.model.anchor[option] = False
+        with pytest.raises(AssertionError):
+            _assert_mmdet_detections(reference, config, variables, images, octave_base_scale=3)
+        assert len(ours["scores"]) > 0
 
     if variant == "49S":  # negative control: Model Garden's repeated pools from level 4 to 7
         config.model.backbone.resample_pooling = "repeated"
@@ -160,6 +197,7 @@ def test_mmdet_efficientdet_d0_converts_with_parity(tmp_path):
     )
     assert config.model.pool_padding == "symmetric"
     assert distances["ours32_torch32"] <= TOLERANCE
+    _assert_mmdet_detections(reference, config, variables, images, octave_base_scale=4)
 
     config.model.pool_padding = "same"  # negative control: automl's 'SAME' pools
     wrong = _our_outputs(build_model(config.model), variables, images, float64=True)
@@ -239,3 +277,28 @@ def test_mmdet_efficientdet_checkpoint_evaluates_and_finetunes_through_main(tmp_
     card = json.load(open(tmp_path / "finetune" / "detector.json"))
     assert card["config"]["model"]["num_classes"] == 3 and card["config"]["model"]["category_ids"] == []
     assert card["categories"] == {"1": "circle", "2": "square", "3": "triangle"}
+
+
+@pytest.mark.parametrize("config_name,octave_base_scale", [("spinenet49", 3), ("efficientdet_d0", 4)])
+def test_plus_one_anchors_equal_mmdet_v1_anchor_generator(config_name, octave_base_scale):
+    """``anchor.plus_one_rounding`` (recorded by both mmdet layouts) gives mmdet v1's rounded "+1" anchors
+    exactly, in our order and frame (x2, y2 exclusive); Model Garden's are up to ~1 px away."""
+    from mmdet_efficientdet_reference import ANCHOR_STRIDES, mmdet_anchors
+
+    from scaledet_jax.tasks.retinanet import model_anchors
+
+    config = load_config(config_name)
+    config.model.image_size = 640
+    a = config.model.anchor
+    perm = anchor_permutation(a.num_scales, a.aspect_ratios)
+    expected = []
+    for stride in ANCHOR_STRIDES:
+        theirs = mmdet_anchors((640 // stride, 640 // stride), stride, octave_base_scale).numpy()
+        theirs = theirs.reshape(-1, len(perm), 4)[:, perm] + np.array([0.0, 0.0, 1.0, 1.0], np.float32)
+        expected.append(theirs[..., [1, 0, 3, 2]].reshape(-1, 4))
+    expected = np.concatenate(expected)
+    a.anchor_size = float(octave_base_scale)
+    plain = model_anchors(config)
+    a.plus_one_rounding = True
+    np.testing.assert_array_equal(model_anchors(config), expected)
+    assert 0.4 < np.abs(plain - expected).max() <= 1.5

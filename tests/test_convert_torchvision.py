@@ -467,6 +467,43 @@ def test_retinanet_parity_and_anchors(retina):
     assert wrong_diff > 1e3 * FLOAT64_TOLERANCE
 
 
+def test_retinanet_end_to_end_detections_equal_torchvisions_postprocessing(retina):
+    """Issue 14 item 5: with the post-processing the converter records (per level the top 1000 (anchor, class)
+    pairs, torchvision's anchors, decoding and clipping, NMS 0.5, 300 detections), our predict gives torchvision
+    ``RetinaNet.postprocess_detections``'s detections on a fixed image: same classes, scores within 1e-4, boxes
+    within 0.01 px (float64 networks). torchvision also scores output 0 ('__background__', never a positive in
+    training, so its scores stay near 0); we drop it, so here its logits are set as training leaves them."""
+    from scaledet_jax.tasks import build_task
+
+    options = retina.info["model_options"]
+    assert options["detection.per_level_rank"] == "pair" and options["detection.max_detections"] == 300
+    reference = copy.deepcopy(retina.reference).double().eval()
+    with torch.no_grad():
+        reference.head.classification_head.cls_logits.bias[0::91] = -20.0  # output 0 of each of the 9 anchors
+    images = np.random.RandomState(8).normal(size=(1, SIZE, SIZE, 3))
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    with torch.no_grad():  # RetinaNet.forward's eval path after the transform (the image is already its input)
+        features = list(reference.backbone(x).values())
+        head_outputs = reference.head(features)
+        anchors = reference.anchor_generator(ImageList(x, [(SIZE, SIZE)]), features)
+        per_level = [f.shape[2] * f.shape[3] * 9 for f in features]
+        split_outputs = {k: list(v.split(per_level, dim=1)) for k, v in head_outputs.items()}
+        split_anchors = [list(a.split(per_level)) for a in anchors]
+        (theirs,) = reference.postprocess_detections(split_outputs, split_anchors, [(SIZE, SIZE)])
+    with jax.enable_x64(True):
+        found = build_task(retina.config).predict(_float64(retina.variables), images)
+        found = jax.tree_util.tree_map(lambda a: np.asarray(a)[0], found)
+    valid = found["valid"]
+    labels, scores, boxes = (theirs[k].numpy() for k in ("labels", "scores", "boxes"))
+    assert 50 <= len(scores) == valid.sum(), (len(scores), valid.sum())
+    ours_order = np.lexsort((-found["scores"][valid], found["classes"][valid]))
+    theirs_order = np.lexsort((-scores, labels))
+    np.testing.assert_array_equal(found["classes"][valid][ours_order], labels[theirs_order])
+    np.testing.assert_allclose(found["scores"][valid][ours_order], scores[theirs_order], atol=1e-4, rtol=0)
+    ours_xy = found["boxes"][valid][ours_order][:, [1, 0, 3, 2]]
+    np.testing.assert_allclose(ours_xy, boxes[theirs_order], atol=0.01, rtol=0)
+
+
 def test_strict_mapping_refuses_and_writes_nothing(conversions):
     result = conversions.result("tampered")
     assert result.returncode != 0 and "Traceback" not in result.stderr

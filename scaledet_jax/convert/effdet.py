@@ -122,12 +122,25 @@ PYTORCH_NATIVE_OPTIONS = {
 }
 
 
+# effdet's post-processing (``DetBenchPredict``: ``_post_process`` + ``generate_detections``, its default model
+# config): anchors with aspect (x, y) factors (1, 1), (1.4, 0.7), (0.7, 1.4); the top 5000 (anchor, class) pairs;
+# box deltas decoded without a log-size clip; no score threshold; per-class NMS at IoU 0.5; 100 detections.
+EFFDET_POSTPROCESSING = {
+    "anchor.aspect_multipliers": ((1.0, 1.0), (1.4, 0.7), (0.7, 1.4)),
+    "detection.pre_nms_top_k": 5000,
+    "detection.log_size_clip": "none",
+    "detection.score_threshold": 0.0,
+    "detection.nms_iou_threshold": 0.5,
+    "detection.max_detections": 100,
+}
+
+
 def effdet_options(state, config) -> dict[str, Any]:
     """``tf_efficientdet_*`` keep automl's semantics; ``efficientdet_*`` (no redundant biases, which
-    is how their checkpoints differ) get PyTorch's."""
+    is how their checkpoints differ) get PyTorch's. Both: effdet's post-processing (``EFFDET_POSTPROCESSING``)."""
     if "fpn.cell.0.fnode.0.after_combine.conv.conv_pw.bias" in state:
-        return {}
-    return dict(PYTORCH_NATIVE_OPTIONS)
+        return dict(EFFDET_POSTPROCESSING)
+    return {**PYTORCH_NATIVE_OPTIONS, **EFFDET_POSTPROCESSING}
 
 
 def effdet_ignored(key: str) -> str | None:

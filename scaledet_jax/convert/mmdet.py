@@ -61,6 +61,18 @@ COCO_80_CATEGORY_IDS = (
     *range(72, 83), *range(84, 91),
 )  # fmt: skip
 
+# mmdetection v1's RetinaNet-style post-processing (AnchorGenerator, delta2bbox, AnchorHead.get_bboxes_single with
+# the seeds' test_cfg: nms_pre 1000 per level, score_thr 0.05, per-class NMS at IoU 0.5, max_per_img 100).
+MMDET_V1_POSTPROCESSING = {
+    "anchor.plus_one_rounding": True,
+    "detection.per_level_top_k": 1000,
+    "detection.log_size_clip": "both",
+    "detection.clip": "plus_one",
+    "detection.score_threshold": 0.05,
+    "detection.nms_iou_threshold": 0.5,
+    "detection.max_detections": 100,
+}
+
 SPINENET_OPTIONS = {
     "activation": "relu",
     "conv_padding": "symmetric",
@@ -320,7 +332,8 @@ def _two_stage_transform(config, perm: np.ndarray, path: Path, array: np.ndarray
 
 
 def retinanet_class_options(state: Mapping[str, Any], config) -> dict[str, Any]:
-    """Foreground classes from the class predictor's bias; COCO ids when there are 80."""
+    """Foreground classes from the class predictor's bias; COCO ids when there are 80; mmdetection v1's
+    post-processing (``MMDET_V1_POSTPROCESSING``)."""
     keys = [k for k in ("bbox_head.retina_cls.bias", "bbox_head.retina_cls.pointwise.conv.bias") if k in state]
     if not keys:
         raise UserError("no bbox_head.retina_cls bias in the checkpoint: not an mmdetection RetinaNet checkpoint")
@@ -331,7 +344,11 @@ def retinanet_class_options(state: Mapping[str, Any], config) -> dict[str, Any]:
     if outputs % anchors:
         raise UserError(f"{key} has {outputs} outputs, not a multiple of the config's {anchors} anchors per location")
     classes = outputs // anchors
-    return {"num_classes": classes, "category_ids": COCO_80_CATEGORY_IDS if classes == 80 else ()}
+    return {
+        **MMDET_V1_POSTPROCESSING,
+        "num_classes": classes,
+        "category_ids": COCO_80_CATEGORY_IDS if classes == 80 else (),
+    }
 
 
 # ---------------------------------------------------------------------------------------------

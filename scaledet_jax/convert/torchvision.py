@@ -119,6 +119,13 @@ RETINANET_OPTIONS = {
     "anchor.num_scales": 3,
     "anchor.anchor_size": 4.0,
     "anchor.truncate_sizes": True,
+    # RetinaNet.postprocess_detections: per level the top 1000 (anchor, class) pairs above 0.05, decoded
+    # (log-size clipped from above), clipped to the image, per-class NMS at 0.5, 300 detections.
+    "detection.per_level_top_k": 1000,
+    "detection.per_level_rank": "pair",
+    "detection.score_threshold": 0.05,
+    "detection.nms_iou_threshold": 0.5,
+    "detection.max_detections": 300,
 }
 
 

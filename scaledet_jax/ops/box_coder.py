@@ -33,12 +33,22 @@ def encode_boxes(boxes, anchors, weights: Sequence[float] | None = None):
     return jnp.stack(codes, axis=-1)
 
 
-def decode_boxes(codes, anchors, weights: Sequence[float] | None = None):
-    """Inverse of :func:`encode_boxes`; log-size changes are clipped at log(1000 / 16)."""
+LOG_SIZE_CLIPS = ("max", "both", "none")
+
+
+def decode_boxes(codes, anchors, weights: Sequence[float] | None = None, log_size_clip: str = "max"):
+    """Inverse of :func:`encode_boxes`. ``log_size_clip``: how the log-size changes are limited to
+    log(1000 / 16): ``max`` from above (Model Garden, torchvision, Detectron), ``both`` to +-log(1000 / 16)
+    (mmdetection v1's ``delta2bbox``), ``none`` not at all (automl / effdet)."""
     ty, tx, th, tw = (codes[..., i] for i in range(4))
     if weights is not None:
         ty, tx, th, tw = ty / weights[0], tx / weights[1], th / weights[2], tw / weights[3]
-    th, tw = jnp.minimum(th, BBOX_XFORM_CLIP), jnp.minimum(tw, BBOX_XFORM_CLIP)
+    if log_size_clip == "max":
+        th, tw = jnp.minimum(th, BBOX_XFORM_CLIP), jnp.minimum(tw, BBOX_XFORM_CLIP)
+    elif log_size_clip == "both":
+        th, tw = jnp.clip(th, -BBOX_XFORM_CLIP, BBOX_XFORM_CLIP), jnp.clip(tw, -BBOX_XFORM_CLIP, BBOX_XFORM_CLIP)
+    elif log_size_clip != "none":
+        raise ValueError(f"log_size_clip must be one of {LOG_SIZE_CLIPS}, got {log_size_clip!r}")
     yca, xca, ha, wa = _center_size(anchors)
     yc, xc = ty * ha + yca, tx * wa + xca
     h, w = jnp.exp(th) * ha, jnp.exp(tw) * wa

@@ -35,31 +35,83 @@ def generate_detections(
     max_detections: int = 100,
     background_slot: bool = True,
     category_ids: Sequence[int] = (),
+    *,
+    level_sizes: Sequence[int] = (),
+    per_level_top_k: int = 0,
+    per_level_rank: str = "anchor",
+    log_size_clip: str = "max",
+    clip: str = "image",
 ) -> dict[str, Array]:
     """class_logits [B, N, C], box_outputs [B, N, 4], anchors [N, 4] -> boxes/scores/classes/valid.
 
     ``classes`` are category ids: output index ``c`` with a background slot, ``c + 1`` without,
     ``category_ids[c]`` when given (no background slot).
+
+    The sources' variants, as model options (``model.detection``):
+
+    * ``per_level_top_k`` > 0 (with ``level_sizes``, the anchors per level): first the ``per_level_top_k``
+      candidates of each level, then the top ``pre_nms_top_k`` (anchor, class) pairs among them.
+      ``per_level_rank="anchor"``: anchors by their highest class score, all their classes candidates
+      (mmdetection v1's ``nms_pre``; mmdetection keeps every pair above the score threshold there,
+      ``pre_nms_top_k`` only bounds that set for fixed shapes: with 5000 pairs only a pair ranked below 5000
+      that would survive NMS into the top ``max_detections`` could differ); ``"pair"``: (anchor, class) pairs
+      (torchvision RetinaNet's ``topk_candidates``, which takes them among the pairs above the score
+      threshold: the same top pairs, as lower ones are masked after);
+    * ``log_size_clip``: ``box_coder.decode_boxes``'s (``max``, ``both`` for mmdetection v1, ``none`` effdet);
+    * ``clip``: ``image`` clips boxes to [0, size]; ``plus_one`` as mmdetection v1 clips its "+1" pixel boxes
+      to [0, size - 1] (in our frame x1, y1 in [0, size - 1] and x2, y2 in [1, size]).
     """
     if category_ids and (background_slot or len(category_ids) != class_logits.shape[-1]):
         raise ValueError(
             f"category_ids needs background_slot=False and one id per output ({class_logits.shape[-1]}), "
             f"got {len(category_ids)} ids"
         )
+    if per_level_top_k > 0 and sum(level_sizes) != class_logits.shape[1]:
+        raise ValueError(f"level_sizes {tuple(level_sizes)} do not add up to the {class_logits.shape[1]} anchors")
+    if per_level_rank not in ("anchor", "pair"):
+        raise ValueError(f"per_level_rank must be 'anchor' or 'pair', got {per_level_rank!r}")
+    if clip not in ("image", "plus_one"):
+        raise ValueError(f"clip must be 'image' or 'plus_one', got {clip!r}")
     id_table = jnp.asarray((0, *category_ids), jnp.int32) if category_ids else None
 
     def one_image(logits, codes):
         if background_slot:
             logits = logits[:, 1:]
-        scores = jax.nn.sigmoid(logits.astype(jnp.float32)).reshape(-1)
+        per_anchor = jax.nn.sigmoid(logits.astype(jnp.float32))
         num_fg = logits.shape[1]
-        k = min(pre_nms_top_k, scores.shape[0])
-        top_scores, top_index = jax.lax.top_k(scores, k)
-        anchor_index, classes = top_index // num_fg, top_index % num_fg + 1
+        if per_level_top_k > 0 and per_level_rank == "pair":  # candidates: pair indices (anchor * C + class)
+            chosen, start = [], 0
+            for size in level_sizes:
+                level = per_anchor[start : start + size].reshape(-1)
+                chosen.append(start * num_fg + jax.lax.top_k(level, min(per_level_top_k, level.shape[0]))[1])
+                start += size
+            pairs = jnp.concatenate(chosen)
+            k = min(pre_nms_top_k, pairs.shape[0])
+            top_scores, top = jax.lax.top_k(per_anchor.reshape(-1)[pairs], k)
+            anchor_index, classes = pairs[top] // num_fg, pairs[top] % num_fg + 1
+        else:
+            candidates = jnp.arange(per_anchor.shape[0])  # anchors whose pairs are candidates
+            if per_level_top_k > 0:
+                chosen, start = [], 0
+                for size in level_sizes:
+                    best = jnp.max(per_anchor[start : start + size], axis=-1)
+                    chosen.append(start + jax.lax.top_k(best, min(per_level_top_k, size))[1])
+                    start += size
+                candidates = jnp.concatenate(chosen)
+            scores = per_anchor[candidates].reshape(-1)
+            k = min(pre_nms_top_k, scores.shape[0])
+            top_scores, top_index = jax.lax.top_k(scores, k)
+            anchor_index, classes = candidates[top_index // num_fg], top_index % num_fg + 1
         if id_table is not None:
             classes = id_table[classes]
-        boxes = box_coder.decode_boxes(codes[anchor_index].astype(jnp.float32), anchors[anchor_index])
-        boxes = jnp.clip(boxes, 0.0, float(image_size))
+        boxes = box_coder.decode_boxes(
+            codes[anchor_index].astype(jnp.float32), anchors[anchor_index], log_size_clip=log_size_clip
+        )
+        if clip == "plus_one":
+            low, high = jnp.array([0.0, 0.0, 1.0, 1.0]), jnp.array([image_size - 1.0] * 2 + [float(image_size)] * 2)
+            boxes = jnp.clip(boxes, low, high)
+        else:
+            boxes = jnp.clip(boxes, 0.0, float(image_size))
         masked = jnp.where(top_scores >= score_threshold, top_scores, -jnp.inf)
         keep, valid = nms.batched_nms(boxes, masked, classes, nms_iou_threshold, max_detections)
         return {

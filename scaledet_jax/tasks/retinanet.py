@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -21,7 +22,7 @@ Array = jax.Array
 def model_anchors(config: ml_collections.ConfigDict) -> np.ndarray:
     """The model's anchors, flattened in head-output order: [N, 4]. ``model.anchor.{center_offset,
     round_base, integer_stride, truncate_sizes}`` (absent: Model Garden's layout) select
-    torchvision's layout (see ``ops.anchors.level_anchors``)."""
+    torchvision's layout, ``plus_one_rounding`` mmdetection v1's (see ``ops.anchors.level_anchors``)."""
     m = config.model
     a = m.anchor
     per_level = anchor_ops.multilevel_anchors(
@@ -35,8 +36,19 @@ def model_anchors(config: ml_collections.ConfigDict) -> np.ndarray:
         round_base=a.get("round_base", False),
         integer_stride=a.get("integer_stride", False),
         truncate_sizes=a.get("truncate_sizes", False),
+        plus_one_rounding=a.get("plus_one_rounding", False),
+        aspect_multipliers=tuple(a.get("aspect_multipliers", ())),
     )
     return anchor_ops.flatten_levels(per_level)
+
+
+def level_anchor_counts(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Anchors per level, in head-output order (``ops.detection``'s ``level_sizes``)."""
+    m = config.model
+    per_location = anchor_ops.num_anchors_per_location(m.anchor.num_scales, m.anchor.aspect_ratios)
+    return tuple(
+        math.ceil(m.image_size / 2**level) ** 2 * per_location for level in range(m.min_level, m.max_level + 1)
+    )
 
 
 def category_index_table(category_ids) -> jax.Array:
@@ -59,6 +71,7 @@ class RetinaNetTask:
         self.config = config
         self.model = build_model(config.model)
         self.anchors = jnp.asarray(model_anchors(config))
+        self.level_sizes = level_anchor_counts(config)
 
     def init(self, rngs: dict[str, Array], image_size: int) -> dict[str, Any]:
         return init_with_images(self.model, rngs, image_size)
@@ -124,4 +137,9 @@ class RetinaNetTask:
             d.max_detections,
             background_slot=m.get("background_slot", True),
             category_ids=tuple(m.get("category_ids", ())),
+            level_sizes=self.level_sizes,
+            per_level_top_k=d.get("per_level_top_k", 0),
+            per_level_rank=d.get("per_level_rank", "anchor"),
+            log_size_clip=d.get("log_size_clip", "max"),
+            clip=d.get("clip", "image"),
         )
