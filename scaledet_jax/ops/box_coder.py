@@ -53,4 +53,6 @@ def decode_boxes(codes, anchors, weights: Sequence[float] | None = None, log_siz
     yc, xc = ty * ha + yca, tx * wa + xca
     h, w = jnp.exp(th) * ha, jnp.exp(tw) * wa
     ymin, xmin = yc - 0.5 * h, xc - 0.5 * w
+    if log_size_clip == "none":  # automl / effdet: centre +- half size, so an infinite size gives -inf, +inf, not nan
+        return jnp.stack([ymin, xmin, yc + 0.5 * h, xc + 0.5 * w], axis=-1)
     return jnp.stack([ymin, xmin, ymin + h, xmin + w], axis=-1)

@@ -76,6 +76,8 @@ def draw_detections(
             x, y, w, h = (v * scale for v in d["bbox"])
         else:
             x, y, w, h = (v * scale for v in mask_api.toBbox(d["segmentation"]))
+        if not np.all(np.isfinite([x, y, w, h])):  # PIL loops forever on a nan corner
+            continue
         draw.rectangle([x, y, x + w, y + h], outline=colour, width=2)
         label = str(names.get(d["category_id"], d["category_id"]))
         if show_scores:
