@@ -115,6 +115,11 @@ def _assert_mmdet_detections(reference, config, variables, images, octave_base_s
     valid = found["valid"]
     ours = {k: v[valid] for k, v in found.items()}
     assert 20 <= len(scores) == len(ours["scores"]) <= 100, (len(scores), len(ours["scores"]))
+    if len(scores) == 100:  # the max_per_img cut: detections scored within 1e-4 of it may differ by near-ties
+        cut = max(scores.min(), ours["scores"].min()) + 1e-4
+        boxes, scores, labels = boxes[scores > cut], scores[scores > cut], labels[scores > cut]
+        ours = {k: v[ours["scores"] > cut] for k, v in ours.items()}
+        assert len(scores) >= 30  # random-init scores crowd near 1, where float32 resolves ~6e-8
     categories = np.asarray(COCO_80_CATEGORY_IDS)[labels]
     # Pair them by class, then score (scores a few 1e-8 apart across classes may swap in a plain score order).
     theirs_order, ours_order = np.lexsort((-scores, categories)), np.lexsort((-ours["scores"], ours["classes"]))
