@@ -170,17 +170,8 @@ class Detector:
             config = self.config
 
             def prepare(pixels):
-                example = {
-                    "image": pixels,
-                    "image/id": tf.constant(0, tf.int64),
-                    "objects": {
-                        "bbox": tf.zeros([0, 4], tf.float32),
-                        "label": tf.zeros([0], tf.int64),
-                        "is_crowd": tf.zeros([0], tf.bool),
-                    },
-                }
                 out = preprocess.preprocess(
-                    example,
+                    preprocess.image_only_example(pixels),
                     training=False,
                     output_size=config.model.image_size,
                     max_instances=1,

@@ -126,6 +126,19 @@ def denormalized_boxes(boxes: tf.Tensor, height: tf.Tensor, width: tf.Tensor) ->
     return boxes * size
 
 
+def image_only_example(image: tf.Tensor, image_id: int = 0) -> dict:
+    """A decoded example with an image and no objects: what ``preprocess`` needs to prepare a picture to run on."""
+    return {
+        "image": image,
+        "image/id": tf.constant(image_id, tf.int64),
+        "objects": {
+            "bbox": tf.zeros([0, 4], tf.float32),
+            "label": tf.zeros([0], tf.int64),
+            "is_crowd": tf.zeros([0], tf.bool),
+        },
+    }
+
+
 def _pad_or_clip(tensor: tf.Tensor, length: int) -> tf.Tensor:
     tensor = tensor[:length]
     pad = length - tf.shape(tensor)[0]
