@@ -4,6 +4,9 @@
   process, so the torch stack is imported first, before any test module imports TensorFlow.
 * Nothing is downloaded: hub access is switched off for the random-init reference models.
 * TensorFlow stays on the host CPU and quiet.
+* Every test (and every module's fixtures) starts from the same torch and NumPy global random state:
+  a reference model built with torch's default initialisation is then the same network whether
+  the test runs alone or after others in an xdist worker (it used to depend on the test order).
 """
 
 import atexit
@@ -28,3 +31,23 @@ try:  # noqa: SIM105 - the import order is the point
     import torchvision  # noqa: F401
 except ImportError:  # runtime-only install: parity tests against torch skip themselves
     pass
+
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def _seed_global_generators() -> None:
+    np.random.seed(0)
+    if "torch" in globals():
+        torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _seeded_module():
+    _seed_global_generators()
+
+
+@pytest.fixture(autouse=True)
+def _seeded_test(_seeded_module):
+    _seed_global_generators()

@@ -12,7 +12,11 @@ Parity is measured twice, at every output level, class and box outputs:
   own float32 forward is 1e-3 - 4e-3 away from its float64 forward on these outputs, so the 1e-4
   float32 bound cannot be met by any float32 implementation here (ours vs PyTorch float32 measures
   1.5e-3 - 2.3e-3). The test asserts ours is no further from the exact (float64) outputs than
-  PyTorch's float32 forward is (x1.5), and prints all three distances.
+  PyTorch's float32 forward is (x1.5), and prints all three distances. The ratio is a property of
+  the random network: over SpineNet-49S networks from torch seeds 0-5 it measured 0.66 - 1.30 (RMS
+  ratio 0.77 - 1.18), and 1.74 once in CI when the network still depended on which tests had run
+  before in the worker; conftest now seeds torch per test, so this is the seed-0 network everywhere
+  (0.96 for 49S, 1.04 for 49).
 """
 
 import copy
