@@ -216,3 +216,65 @@ def randomize_maskrcnn(units, seed: int = 0) -> None:
             raise ValueError(f"no randomisation rule for Keras layer type {cls}")
         for variable, value in zip(unit.variables, values, strict=True):
             variable.assign(value.astype(np.float32))
+
+
+def write_trainer_checkpoint(model, directory: str, step: int = 1) -> str:
+    """Saves ``model`` as Model Garden's trainer does (``official/core/base_trainer.py``: a
+    ``tf.train.Checkpoint`` of global_step, model and optimizer, written by a ``CheckpointManager`` as
+    ``ckpt-<step>``), with SGD-momentum slots for every trainable variable. Returns the prefix."""
+    import tensorflow as tf
+    import tf_keras
+
+    optimizer = tf_keras.optimizers.SGD(learning_rate=0.1, momentum=0.9)
+    optimizer.build(model.trainable_variables)  # creates the momentum slots, changes no weight
+    global_step = tf.Variable(step, dtype=tf.int64, trainable=False, name="global_step")
+    checkpoint = tf.train.Checkpoint(global_step=global_step, model=model, optimizer=optimizer)
+    manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=1)
+    return manager.save(checkpoint_number=step)
+
+
+def spinenet_checkpoint_order(model_id: str) -> list[int]:
+    """The ``layer_with_weights-N`` indices of Model Garden's SpineNet-``model_id`` checkpoint, in the
+    order the layers create their variables (the order ``record_keras_variables`` sees, and the order
+    our modules are called in). Measured on the checkpoint itself: every variable is filled with its
+    creation index, the model saved with ``tf.train.Checkpoint``, and the values read back by key."""
+    import re
+    import tempfile
+
+    import tensorflow as tf
+
+    model, units = build_retinanet_spinenet(model_id, 128, 8, num_classes=2, head_convs=1)
+    created = [v for unit in units for v in unit.variables]
+    for index, variable in enumerate(created):
+        variable.assign(np.full(variable.shape, float(index), np.float32))
+    with tempfile.TemporaryDirectory() as directory:
+        reader = tf.train.load_checkpoint(tf.train.Checkpoint(model=model).write(f"{directory}/ckpt"))
+        by_index = {}
+        for key in reader.get_variable_to_shape_map():
+            found = re.match(r"model/_backbone/layer_with_weights-(\d+)/", key)
+            if found:
+                by_index[int(reader.get_tensor(key).flat[0])] = int(found.group(1))
+    order: list[int] = []
+    for index in sorted(by_index):
+        if by_index[index] not in order:
+            order.append(by_index[index])
+    return order
+
+
+if (
+    __name__ == "__main__"
+):  # (re)measures scaledet_jax/convert/model_garden_spinenet_order.json [for the variants given]
+    import json
+    import sys
+
+    import conftest  # noqa: F401  (import order: torch before TensorFlow)
+    from official.vision.modeling.backbones.spinenet import SCALING_MAP
+
+    from scaledet_jax.convert.model_garden import SPINENET_ORDER_FILE
+
+    with open(SPINENET_ORDER_FILE) as f:
+        table = json.load(f)
+    table.update({model_id: spinenet_checkpoint_order(model_id) for model_id in sys.argv[1:] or SCALING_MAP})
+    with open(SPINENET_ORDER_FILE, "w") as f:
+        f.write("{\n" + ",\n".join(f'  "{k}": {json.dumps(v)}' for k, v in table.items()) + "\n}\n")
+    print(f"wrote {SPINENET_ORDER_FILE}: " + ", ".join(f"{k}: {len(v)} layers" for k, v in table.items()))

@@ -8,15 +8,25 @@ and the same fixed RoIs, the SpineNet endpoints P3-P7, the RPN's scores and box 
 box head's class logits and deltas and the mask head's logits (the channel of a given class, as Model
 Garden's mask head returns it) must agree to 1e-4 max abs in fp32. A negative control (torchvision's
 RoIAlign instead of Model Garden's crop_and_resize) must disagree.
+
+The same model saved as Model Garden's trainer saves it converts through ``python -m scaledet_jax.convert
+--from=model-garden`` to the same variables, and gives the same outputs.
 """
+
+import copy
+import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from configs_util import load_config
-from model_garden import build_maskrcnn_spinenet, maskrcnn_roi_outputs, randomize_maskrcnn
+from configs_util import CONFIG_DIR, load_config
+from flax import traverse_util
+from model_garden import build_maskrcnn_spinenet, maskrcnn_roi_outputs, randomize_maskrcnn, write_trainer_checkpoint
 
+from scaledet_jax.convert import checkpoint
 from scaledet_jax.convert import model_garden as mg
 from scaledet_jax.models import build_model
 from scaledet_jax.tools import profile
@@ -47,6 +57,7 @@ def pair():
     rois = _rois(rng)
     classes = rng.randint(1, config.model.num_classes, (1, NUM_ROIS)).astype(np.int32)
     return dict(
+        keras=keras_model,
         config=config,
         model=model,
         variables=variables,
@@ -71,10 +82,10 @@ def _ours(model, variables, images, rois, classes):
     return features, scores, deltas, logits, box_deltas, chosen
 
 
-def test_backbone_rpn_box_and_mask_heads_match_model_garden(pair):
+def _max_diffs(pair, variables) -> dict[str, float]:
     reference = pair["reference"]
     features, scores, deltas, logits, box_deltas, masks = _ours(
-        pair["model"], pair["variables"], pair["images"], pair["rois"], pair["classes"]
+        pair["model"], variables, pair["images"], pair["rois"], pair["classes"]
     )
     diffs = {}
     for level in range(3, 8):
@@ -84,6 +95,12 @@ def test_backbone_rpn_box_and_mask_heads_match_model_garden(pair):
     diffs["class_logits"] = np.max(np.abs(logits - reference["class_outputs"]))
     diffs["box_deltas"] = np.max(np.abs(box_deltas - reference["box_outputs"]))
     diffs["mask_logits"] = np.max(np.abs(masks - reference["mask_logits"]))
+    return diffs
+
+
+def test_backbone_rpn_box_and_mask_heads_match_model_garden(pair):
+    reference = pair["reference"]
+    diffs = _max_diffs(pair, pair["variables"])
     scale = {k: float(np.max(np.abs(v))) for k, v in (("mask", reference["mask_logits"]),
                                                       ("class", reference["class_outputs"]))}  # fmt: skip
     print(f"\nmaskrcnn spinenet49 @{SIZE} vs Model Garden (fp32 max abs): "
@@ -92,8 +109,31 @@ def test_backbone_rpn_box_and_mask_heads_match_model_garden(pair):
 
 
 def test_torchvision_roi_align_is_a_negative_control(pair):
-    config = pair["config"]
+    config = copy.deepcopy(pair["config"])  # the fixture is shared by the module's tests
     config.model.roi.style = "torchvision"
     model = build_model(config.model)
     *_, masks = _ours(model, pair["variables"], pair["images"], pair["rois"], pair["classes"])
     assert np.max(np.abs(masks - pair["reference"]["mask_logits"])) > 1e-2
+
+
+def test_model_garden_checkpoint_converts_through_the_cli(pair, tmp_path):
+    write_trainer_checkpoint(pair["keras"], str(tmp_path / "train"), step=1000)
+    out = tmp_path / "converted"
+    result = subprocess.run(
+        [sys.executable, "-m", "scaledet_jax.convert", "--from=model-garden", "--config=configs/maskrcnn_spinenet49.py",
+         f"--input={tmp_path / 'train'}", f"--output={out}", f"--image_size={SIZE}"],
+        capture_output=True, text=True, timeout=900, cwd=str(CONFIG_DIR.parent),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.load(open(out / "conversion.json"))["model_options"]["num_classes"] == 91
+    config = copy.deepcopy(pair["config"])
+    checkpoint.apply_model_options(config, str(out))
+    assert config.model.to_dict() == pair["config"].model.to_dict()
+    converted = traverse_util.flatten_dict(checkpoint.load_converted(str(out)))
+    expected = traverse_util.flatten_dict(jax.device_get(pair["variables"]))
+    assert sorted(converted) == sorted(expected)
+    for path, value in expected.items():
+        assert np.array_equal(np.asarray(converted[path]), np.asarray(value)), path
+    diffs = _max_diffs(pair, traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in converted.items()}))
+    print(f"\nconverted Model Garden Mask R-CNN checkpoint: max abs diff {max(diffs.values()):.1e}")
+    assert max(diffs.values()) <= TOLERANCE, diffs

@@ -1,4 +1,4 @@
-"""Convert a PyTorch checkpoint into a scaledet_jax checkpoint.
+"""Convert a PyTorch (or TF Model Garden) checkpoint into a scaledet_jax checkpoint.
 
     python -m scaledet_jax.convert --from=effdet --config=configs/efficientdet_d0.py \\
         --input=tf_efficientdet_d0.pth --output=converted/d0 [--reference=tf_efficientdet_d0]
@@ -86,13 +86,13 @@ def convert_checkpoint(
     layout = LAYOUTS[layout_name]
     if reference and layout.reference is None:
         raise UserError(f"layout {layout.name} has no reference model for parity")
-    checkpoint.check_input(input_path)  # fail before the work, not after
+    layout.check_input(input_path)  # fail before the work, not after
     checkpoint.check_output(output, overwrite)
 
     start = time.perf_counter()
-    size_mb = os.path.getsize(input_path) / 2**20
+    size_mb = layout.size_mib(input_path)
     print(f"reading {input_path} ({size_mb:.1f} MiB) ...", file=sys.stderr, flush=True)
-    state, ignored_entries = checkpoint.load_state_dict(input_path)
+    state, ignored_entries = layout.read(input_path)
     print(f"read {len(state)} tensors from {input_path} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
     size = image_size or config.model.image_size
     try:
@@ -159,14 +159,18 @@ def run() -> None:
     flags.DEFINE_string(
         "from",
         None,
-        "Source layout: mmdet-spinenet, mmdet-efficientdet, effdet, timm-efficientnet, torchvision "
+        "Source layout: model-garden (TF Model Garden SpineNet RetinaNet / Mask R-CNN TF checkpoint: prefix or "
+        "directory), mmdet-spinenet, mmdet-efficientdet, effdet, timm-efficientnet, torchvision "
         "(Faster R-CNN / RetinaNet ResNet-FPN state_dicts), torchvision-coco-v1 (torchvision's published "
         "COCO_V1 weights: FrozenBatchNorm eps 0), maskrcnn-benchmark (Faster / Mask R-CNN ResNet-FPN or VoVNet-FPN, "
         "incl. stigma0617/maskrcnn-benchmark-vovnet), timm-vovnet (timm vovnet39a / vovnet57a ImageNet weights), "
         "detnet-pytorch (DetNet_pytorch's DetNet-59 FPN Faster R-CNN), detnet-pytorch-imagenet (its detnet59.pth).",
     )
     flags.DEFINE_string(
-        "input", None, "PyTorch checkpoint (.pth/.pt via torch.load(weights_only=True), or .safetensors)."
+        "input",
+        None,
+        "PyTorch checkpoint (.pth/.pt via torch.load(weights_only=True), or .safetensors); for TF layouts a "
+        "checkpoint prefix (DIR/ckpt-N) or its directory.",
     )
     flags.DEFINE_string(
         "output", None, "Directory for the converted checkpoint (must not exist, be empty, or --overwrite)."

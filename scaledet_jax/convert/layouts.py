@@ -9,6 +9,7 @@ reference: a function building the original PyTorch module so the converter can 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from scaledet_jax.convert import detnet_pytorch as detnet_layout
 from scaledet_jax.convert import effdet as effdet_layout
 from scaledet_jax.convert import maskrcnn_benchmark as maskrcnn_benchmark_layout
 from scaledet_jax.convert import mmdet as mmdet_layout
+from scaledet_jax.convert import model_garden as model_garden_layout
 from scaledet_jax.convert import torchvision as torchvision_layout
 
 
@@ -38,6 +40,30 @@ class Layout:
     transform: Callable[[Any], Callable[[tuple, np.ndarray], np.ndarray]] | None = None
     # (state) -> state: tensors re-shaped or combined before mapping (DetNet_pytorch's RPN score fold, FC-as-conv).
     prepare: Callable[[Any], Any] | None = None
+    # TF checkpoints (Model Garden, automl) instead of PyTorch files: read with tf.train.load_checkpoint, kernels
+    # already in Flax's HWIO / [in, out] layout.
+    tensorflow: bool = False
+    # (state, target shapes, model, config, image size) -> source_key, for layouts whose keys follow the
+    # model's structure (Model Garden's creation order); takes the place of ``source``.
+    model_source: Callable[..., Callable] | None = None
+
+    def check_input(self, path: str) -> None:
+        from scaledet_jax.convert import checkpoint, tf_checkpoint
+
+        (tf_checkpoint.check_input if self.tensorflow else checkpoint.check_input)(path)
+
+    def size_mib(self, path: str) -> float:
+        from scaledet_jax.convert import tf_checkpoint
+
+        return tf_checkpoint.size_mib(path) if self.tensorflow else os.path.getsize(path) / 2**20
+
+    def read(self, path: str):
+        """(state, [(ignored entry, reason)]) of the checkpoint at ``path``."""
+        from scaledet_jax.convert import checkpoint, tf_checkpoint
+
+        if self.tensorflow:
+            return tf_checkpoint.load(path, self.ignored)
+        return checkpoint.load_state_dict(path)
 
     def options(self, state, config) -> dict[str, Any]:
         """Every model option the converted weights need: the layout's and the checkpoint's."""
@@ -63,14 +89,19 @@ class Layout:
             target = {c: {part: t[part]} for c, t in target.items() if part in t}
         if self.prepare is not None:
             state = self.prepare(state)
+        if self.model_source is not None:
+            source = self.model_source(state, target, model, config, image_size)
+        else:
+            source = self.source(state.keys(), target)
         variables, report = torch_layout.convert(
             state,
             target,
-            self.source(state.keys(), target),
+            source,
             self.ignored,
             self.duplicates,
             progress=progress,
             transform=self.transform(config) if self.transform else None,
+            to_flax=(lambda path, array: array) if self.tensorflow else torch_layout.flax_array,
         )
         return model, shapes, variables, report, options
 
@@ -147,6 +178,17 @@ LAYOUTS = {
             options_from_state=effdet_layout.effdet_options,
             reference=_effdet_reference,
             compare=_compare_detector,
+        ),
+        Layout(
+            name="model-garden",
+            description="TF Model Garden SpineNet RetinaNet / Mask R-CNN TF checkpoints (retinanet_spinenet_coco, "
+            "maskrcnn_spinenet_coco: prefix or directory)",
+            source=lambda keys, shapes: None,
+            ignored=model_garden_layout.model_garden_ignored,
+            options_from_state=model_garden_layout.model_garden_options,
+            prepare=model_garden_layout.model_garden_prepare,
+            tensorflow=True,
+            model_source=model_garden_layout.model_garden_source,
         ),
         Layout(
             name="mmdet-spinenet",

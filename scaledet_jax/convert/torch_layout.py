@@ -109,6 +109,7 @@ def convert(
     duplicates: Callable[[str], str | None] = lambda key: None,
     progress: Callable[[int, int], None] | None = None,
     transform: Callable[[Path, np.ndarray], np.ndarray] | None = None,
+    to_flax: Callable[[Path, np.ndarray], np.ndarray] = flax_array,
 ) -> tuple[dict[str, Any], ConversionReport]:
     """Fills every variable of ``target_shapes`` (``{'params': ..., 'batch_stats': ...}`` of shapes).
 
@@ -117,6 +118,8 @@ def convert(
     more than once (shared head convs saved per level), the key of the copy that is used — the
     copies must be equal. ``transform(path, array)`` re-orders a tensor already in Flax layout
     (e.g. predictor channels of a source whose anchor order differs); it must keep the shape.
+    ``to_flax(path, array)`` brings a source tensor into Flax's layout (PyTorch's by default; TF
+    checkpoints are already HWIO / [in, out]).
     """
     report = ConversionReport()
     flat_targets = traverse_util.flatten_dict(dict(target_shapes))
@@ -129,7 +132,7 @@ def convert(
         if key is None or key not in state_dict:
             missing.append(f"{'/'.join(path)} (expects {key or 'no source'})")
             continue
-        array = flax_array(path, to_numpy(state_dict[key]))
+        array = to_flax(path, to_numpy(state_dict[key]))
         shape = tuple(target.shape)
         if array.shape != shape:
             used.add(key)  # reported as mis-shaped, not also as unexpected
