@@ -1,4 +1,4 @@
-"""Convert a PyTorch (or TF Model Garden) checkpoint into a scaledet_jax checkpoint.
+"""Convert a PyTorch or TF (Model Garden, automl) checkpoint into a scaledet_jax checkpoint.
 
     python -m scaledet_jax.convert --from=effdet --config=configs/efficientdet_d0.py \\
         --input=tf_efficientdet_d0.pth --output=converted/d0 [--reference=tf_efficientdet_d0]
@@ -160,7 +160,8 @@ def run() -> None:
         "from",
         None,
         "Source layout: model-garden (TF Model Garden SpineNet RetinaNet / Mask R-CNN TF checkpoint: prefix or "
-        "directory), mmdet-spinenet, mmdet-efficientdet, effdet, timm-efficientnet, torchvision "
+        "directory), automl (google/automl EfficientDet TF checkpoint directory, EMA shadows used), "
+        "mmdet-spinenet, mmdet-efficientdet, effdet, timm-efficientnet, torchvision "
         "(Faster R-CNN / RetinaNet ResNet-FPN state_dicts), torchvision-coco-v1 (torchvision's published "
         "COCO_V1 weights: FrozenBatchNorm eps 0), maskrcnn-benchmark (Faster / Mask R-CNN ResNet-FPN or VoVNet-FPN, "
         "incl. stigma0617/maskrcnn-benchmark-vovnet), timm-vovnet (timm vovnet39a / vovnet57a ImageNet weights), "

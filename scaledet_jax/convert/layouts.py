@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from scaledet_jax.convert import automl as automl_layout
 from scaledet_jax.convert import detnet_pytorch as detnet_layout
 from scaledet_jax.convert import effdet as effdet_layout
 from scaledet_jax.convert import maskrcnn_benchmark as maskrcnn_benchmark_layout
@@ -43,6 +44,7 @@ class Layout:
     # TF checkpoints (Model Garden, automl) instead of PyTorch files: read with tf.train.load_checkpoint, kernels
     # already in Flax's HWIO / [in, out] layout.
     tensorflow: bool = False
+    shadow_suffix: str | None = None  # TF: read '<name><suffix>' (e.g. EMA shadows) in place of '<name>'
     # (state, target shapes, model, config, image size) -> source_key, for layouts whose keys follow the
     # model's structure (Model Garden's creation order); takes the place of ``source``.
     model_source: Callable[..., Callable] | None = None
@@ -62,7 +64,7 @@ class Layout:
         from scaledet_jax.convert import checkpoint, tf_checkpoint
 
         if self.tensorflow:
-            return tf_checkpoint.load(path, self.ignored)
+            return tf_checkpoint.load(path, self.ignored, self.shadow_suffix)
         return checkpoint.load_state_dict(path)
 
     def options(self, state, config) -> dict[str, Any]:
@@ -189,6 +191,17 @@ LAYOUTS = {
             prepare=model_garden_layout.model_garden_prepare,
             tensorflow=True,
             model_source=model_garden_layout.model_garden_source,
+        ),
+        Layout(
+            name="automl",
+            description="google/automl EfficientDet D0-D7 TF checkpoints (efficientdet-dN/ as released; EMA "
+            "shadows used when present)",
+            source=automl_layout.automl_source,
+            ignored=automl_layout.automl_ignored,
+            options_from_state=automl_layout.automl_options,
+            prepare=automl_layout.automl_prepare,
+            tensorflow=True,
+            shadow_suffix=automl_layout.EMA_SUFFIX,
         ),
         Layout(
             name="mmdet-spinenet",

@@ -65,8 +65,13 @@ def size_mib(path: str) -> float:
     return sum(os.path.getsize(f) for f in glob.glob(glob.escape(prefix) + ".*")) / 2**20
 
 
-def load(path: str, ignored: Callable[[str], str | None]) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
-    """(``{key: array}`` of every entry the layout does not ignore, ``[(ignored key, reason)]``)."""
+def load(
+    path: str, ignored: Callable[[str], str | None], shadow_suffix: str | None = None
+) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
+    """(``{key: array}`` of every entry the layout does not ignore, ``[(ignored key, reason)]``).
+
+    ``shadow_suffix`` (e.g. ``/ExponentialMovingAverage``): where ``<key><suffix>`` exists, its value is
+    read under ``<key>`` and the plain value is listed as ignored (the source evaluates with the shadows)."""
     import tensorflow as tf
 
     prefix = resolve_prefix(path)
@@ -78,17 +83,30 @@ def load(path: str, ignored: Callable[[str], str | None]) -> tuple[dict[str, np.
         raise UserError(f"cannot read {prefix!r} as a TF checkpoint (truncated or not a checkpoint?): {text}") from None
     state: dict[str, np.ndarray] = {}
     skipped: list[tuple[str, str]] = []
+    present = set(keys)
     for key in keys:
         name = key[: -len(ATTRIBUTE_SUFFIX)] if key.endswith(ATTRIBUTE_SUFFIX) else key
         if key == OBJECT_GRAPH_KEY:
             skipped.append((key, "the checkpoint's object graph (structure, no weights)"))
             continue
+        read_from = key
+        if shadow_suffix and name.endswith(shadow_suffix):
+            plain = name[: -len(shadow_suffix)]
+            if plain in present:
+                continue  # read in place of the plain value, below
+            name = plain
+        elif shadow_suffix and name + shadow_suffix in present:
+            skipped.append(
+                (name, f"training value; its {shadow_suffix.strip('/')} shadow is used (the source evaluates with it)")
+            )
+            read_from = name + shadow_suffix
         reason = ignored(name)
         if reason:
-            skipped.append((name, reason))
+            if read_from == key:
+                skipped.append((name, reason))
             continue
         try:
-            state[name] = np.asarray(reader.get_tensor(key))
+            state[name] = np.asarray(reader.get_tensor(read_from))
         except Exception as e:
             text = " ".join(str(e).split())[:200]
             raise UserError(f"cannot read tensor {name!r} from {prefix!r} (damaged shard?): {text}") from None
