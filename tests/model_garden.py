@@ -233,17 +233,18 @@ def write_trainer_checkpoint(model, directory: str, step: int = 1) -> str:
     return manager.save(checkpoint_number=step)
 
 
-def spinenet_checkpoint_order(model_id: str) -> list[int]:
+def spinenet_checkpoint_order(model_id: str, built=None) -> list[int]:
     """The ``layer_with_weights-N`` indices of Model Garden's SpineNet-``model_id`` checkpoint, in the
     order the layers create their variables (the order ``record_keras_variables`` sees, and the order
     our modules are called in). Measured on the checkpoint itself: every variable is filled with its
-    creation index, the model saved with ``tf.train.Checkpoint``, and the values read back by key."""
+    creation index, the model saved with ``tf.train.Checkpoint``, and the values read back by key.
+    ``built``: a (model, units) of ``build_retinanet_spinenet`` to measure (its values are overwritten)."""
     import re
     import tempfile
 
     import tensorflow as tf
 
-    model, units = build_retinanet_spinenet(model_id, 128, 8, num_classes=2, head_convs=1)
+    model, units = built or build_retinanet_spinenet(model_id, 128, 8, num_classes=2, head_convs=1)
     created = [v for unit in units for v in unit.variables]
     for index, variable in enumerate(created):
         variable.assign(np.full(variable.shape, float(index), np.float32))

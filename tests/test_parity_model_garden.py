@@ -201,8 +201,28 @@ def test_model_garden_checkpoint_with_another_variants_config_is_refused(pair, t
 
 
 @pytest.mark.parametrize("model_id", ["49S", "49", "96", "143", "143L", "190"])
-def test_stored_spinenet_checkpoint_order_is_model_gardens(model_id):
-    """The table the converter reads equals the order measured on Model Garden's checkpoint now."""
+def test_every_spinenet_variants_checkpoint_maps_strictly(model_id, tmp_path):
+    """The order table the converter reads equals the order measured on Model Garden's checkpoint now; and a
+    trainer checkpoint of the variant (small head, 2 classes, randomised) converts with every tensor placed,
+    to the variables the in-memory creation-order mapping gives."""
+    from scaledet_jax.convert.layouts import LAYOUTS
+
+    size = 128
+    built = build_retinanet_spinenet(model_id, size, 8, num_classes=2, head_convs=1)
     with open(mg.SPINENET_ORDER_FILE) as f:
-        stored = json.load(f)[model_id]
-    assert stored == spinenet_checkpoint_order(model_id)
+        assert json.load(f)[model_id] == spinenet_checkpoint_order(model_id, built)
+
+    keras_model, units = built
+    randomize(units)
+    state, ignored = LAYOUTS["model-garden"].read(write_trainer_checkpoint(keras_model, str(tmp_path)))
+    config = load_config(f"spinenet{model_id.lower()}")
+    config.model.head.num_filters, config.model.head.num_convs = 8, 1
+    model, shapes, variables, report, options = LAYOUTS["model-garden"].convert(state, config, size)
+    assert options["num_classes"] == 2 and len(report.mapped) == len(jax.tree_util.tree_leaves(shapes))
+    expected = traverse_util.flatten_dict(
+        jax.device_get(mg.keras_to_flax(units, mg.flax_layer_order(
+            model, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32), train=False), shapes))
+    )  # fmt: skip
+    converted = traverse_util.flatten_dict(variables)
+    assert sorted(converted) == sorted(expected)
+    assert all(np.array_equal(np.asarray(converted[k]), np.asarray(v)) for k, v in expected.items())
