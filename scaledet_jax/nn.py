@@ -128,12 +128,17 @@ def batch_norm(
     *,
     dtype: Dtype | None = None,
     name: str | None = None,
+    zero_scale: bool = False,
 ) -> nn.BatchNorm:
     """Batch norm with Keras momentum/epsilon semantics; parameters and statistics in float32.
 
-    Call it as ``batch_norm(...)(x, use_running_average=not train)``.
+    Call it as ``batch_norm(...)(x, use_running_average=not train)``. ``zero_scale``: gamma starts at 0
+    (a residual branch's last norm: the block starts as the identity, Goyal et al. 2017).
     """
-    return nn.BatchNorm(momentum=momentum, epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, name=name)
+    scale_init = nn.initializers.zeros if zero_scale else nn.initializers.ones
+    return nn.BatchNorm(
+        momentum=momentum, epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, scale_init=scale_init, name=name
+    )
 
 
 POOL_PADDINGS = PADDINGS + ("valid",)

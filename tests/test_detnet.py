@@ -337,3 +337,37 @@ def test_registry_builds_the_seed_backbone_and_fpn():
     backbone, fpn = build_backbone(config), build_fpn(config)
     assert backbone == DetNet(norm="frozen", frozen_stages=2, bn_momentum=0.9, bn_epsilon=1e-5)
     assert fpn == FPN(**SEED_FPN, bn_momentum=0.9, bn_epsilon=1e-3)
+
+
+def test_zero_init_residual_starts_every_block_as_its_shortcut():
+    """backbone.zero_init_residual (torchvision's zero_init_residual): each bottleneck's norm3 gamma is 0 at init,
+    so a block's output is act(shortcut) in training and inference mode; the default keeps gamma 1."""
+    from scaledet_jax.backbones.resnet import BottleneckBlock
+    from scaledet_jax.models import build_backbone
+
+    x = _images(2)[:, :16, :16]
+    block = BottleneckBlock(8, use_projection=True, zero_init_residual=True)
+    variables = block.init(jax.random.key(0), x)
+    assert np.all(np.asarray(variables["params"]["norm3"]["scale"]) == 0)
+    assert np.all(np.asarray(variables["params"]["norm1"]["scale"]) == 1)
+    shortcut = block.apply(variables, x, method=lambda m, x: m.__call__(x, train=False))  # zero branch: act(shortcut)
+    projected = jax.nn.relu(
+        nn.BatchNorm(use_running_average=True, epsilon=1e-3).apply(
+            {"params": variables["params"]["shortcut_norm"], "batch_stats": variables["batch_stats"]["shortcut_norm"]},
+            nn.Conv(32, (1, 1), use_bias=False).apply({"params": variables["params"]["shortcut_conv"]}, x),
+        )
+    )
+    np.testing.assert_allclose(np.asarray(shortcut), np.asarray(projected), atol=1e-6)
+    out_train, _ = block.apply(variables, x, True, mutable=["batch_stats"])
+    assert np.all(np.asarray(out_train) >= 0) and float(np.abs(np.asarray(out_train) - np.asarray(shortcut)).max()) > 0
+
+    config = ml_collections.ConfigDict(
+        {"activation": "relu", "norm": {"momentum": 0.9, "epsilon": 1e-5},
+         "backbone": {"name": "detnet", "norm": "batch", "frozen_stages": 0, "stage_blocks": (1, 1, 1, 1, 1),
+                      "stage_filters": (4, 4, 4, 4, 4), "stem_filters": 4, "zero_init_residual": True}}
+    )  # fmt: skip
+    params = build_backbone(config).init(jax.random.key(0), _images(1)[:, :32, :32])["params"]
+    assert all(np.all(np.asarray(params[f"stage{lv}_block0"]["norm3"]["scale"]) == 0) for lv in range(2, 7))
+    config.backbone.zero_init_residual = False
+    params = build_backbone(config).init(jax.random.key(0), _images(1)[:, :32, :32])["params"]
+    assert all(np.all(np.asarray(params[f"stage{lv}_block0"]["norm3"]["scale"]) == 1) for lv in range(2, 7))

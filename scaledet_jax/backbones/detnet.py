@@ -67,6 +67,7 @@ class DetNet(nn.Module):
     pool_padding: str = "symmetric"
     kernel_init: Callable = snn.keras_variance_scaling
     dtype: Any = None
+    zero_init_residual: bool = False  # each block's last BN gamma starts at 0 (training from scratch)
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False) -> dict[int, Array] | Array:
@@ -113,6 +114,7 @@ def build_detnet(model_config: ml_collections.ConfigDict) -> DetNet:
         conv_padding=model_config.get("conv_padding", "symmetric"),
         pool_padding=model_config.get("pool_padding", "symmetric"),
         dtype={"float32": None, "bfloat16": "bfloat16"}[model_config.get("dtype", "float32")],
+        zero_init_residual=b.get("zero_init_residual", False),
     )
 
 

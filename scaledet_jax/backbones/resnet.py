@@ -37,10 +37,13 @@ EXPANSION = 4
 NORMS = ("batch", "frozen")
 
 
-def make_norm(norm: str, momentum: float, epsilon: float, dtype: Any, name: str) -> nn.BatchNorm | snn.FrozenBatchNorm:
-    """'batch': trainable batch norm (Keras momentum semantics); 'frozen': torchvision's FrozenBatchNorm2d."""
+def make_norm(
+    norm: str, momentum: float, epsilon: float, dtype: Any, name: str, zero_scale: bool = False
+) -> nn.BatchNorm | snn.FrozenBatchNorm:
+    """'batch': trainable batch norm (Keras momentum semantics; ``zero_scale``: gamma starts at 0);
+    'frozen': torchvision's FrozenBatchNorm2d."""
     if norm == "batch":
-        return snn.batch_norm(momentum, epsilon, dtype=dtype, name=name)
+        return snn.batch_norm(momentum, epsilon, dtype=dtype, name=name, zero_scale=zero_scale)
     if norm == "frozen":
         return snn.FrozenBatchNorm(epsilon, dtype=dtype, name=name)
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -61,6 +64,9 @@ class BottleneckBlock(nn.Module):
     kernel_init: Callable = snn.keras_variance_scaling
     dtype: Any = None
     dilation: int = 1  # of the 3x3 conv (DetNet's stride-16 stages: 2)
+    # torchvision's zero_init_residual: norm3's gamma starts at 0, so each block starts as (act of) its
+    # shortcut; deep nets trained from scratch converge faster (Goyal et al. 2017). Init only.
+    zero_init_residual: bool = False
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
@@ -73,7 +79,8 @@ class BottleneckBlock(nn.Module):
                 features, kernel, strides, dilation, padding=self.padding, kernel_init=self.kernel_init,
                 dtype=self.dtype, name=conv_name,
             )(x)  # fmt: skip
-            norm = make_norm(self.norm, self.bn_momentum, self.bn_epsilon, self.dtype, norm_name)
+            zero = self.zero_init_residual and norm_name == "norm3"
+            norm = make_norm(self.norm, self.bn_momentum, self.bn_epsilon, self.dtype, norm_name, zero)
             return norm(x, use_running_average=not train)
 
         shortcut = x
@@ -108,6 +115,7 @@ class ResNet(nn.Module):
     pool_padding: str = "same"  # torchvision's stem pool pads 1 on each side: 'symmetric'
     kernel_init: Callable = snn.keras_variance_scaling
     dtype: Any = None
+    zero_init_residual: bool = False  # each block's last BN gamma starts at 0 (training from scratch)
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False) -> dict[int, Array]:
@@ -151,6 +159,7 @@ def stem_and_stages(
         padding=p.conv_padding,
         kernel_init=p.kernel_init,
         dtype=p.dtype,
+        zero_init_residual=getattr(p, "zero_init_residual", False),
     )
 
     def freeze(x: Array, part: int) -> Array:
@@ -187,7 +196,8 @@ def stem_and_stages(
 
 def build_resnet(model_config: ml_collections.ConfigDict) -> ResNet:
     """The ResNet described by ``config.model``: ``backbone.{depth, stride_in_1x1, norm, frozen_stages,
-    bn_epsilon}`` (``bn_epsilon`` None: ``norm.epsilon``), ``norm.momentum``, paddings and dtype."""
+    bn_epsilon, zero_init_residual}`` (``bn_epsilon`` None: ``norm.epsilon``), ``norm.momentum``, paddings and
+    dtype."""
     b = model_config.backbone
     bn_epsilon = b.get("bn_epsilon")
     return ResNet(
@@ -201,4 +211,5 @@ def build_resnet(model_config: ml_collections.ConfigDict) -> ResNet:
         conv_padding=model_config.get("conv_padding", "same"),
         pool_padding=model_config.get("pool_padding", "same"),
         dtype={"float32": None, "bfloat16": "bfloat16"}[model_config.get("dtype", "float32")],
+        zero_init_residual=b.get("zero_init_residual", False),
     )
