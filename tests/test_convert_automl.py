@@ -2,8 +2,8 @@
 
 A random effdet ``tf_efficientdet_d0`` / ``_d1`` (random init, randomised BN statistics and biases) is
 written as automl's checkpoint by ``automl_reference.py`` (automl's variable names and layouts, read from
-its source; D0 with ExponentialMovingAverage shadows holding the weights and random plain values, as
-automl's trainer leaves them; D1 without shadows), converted through the CLI (``tf.train.load_checkpoint``,
+its source; D0 and D1 with ExponentialMovingAverage shadows holding the weights and random plain values, as
+automl's trainer leaves them), converted through the CLI (``tf.train.load_checkpoint``,
 no automl install), and run: class and box outputs at every level must equal effdet's within 1e-4 (fp32).
 """
 
@@ -89,14 +89,33 @@ def test_automl_d0_checkpoint_with_ema_shadows_converts_with_parity(d0_checkpoin
     assert report["superseded"] > report["mapped"]
 
 
-def test_automl_d1_checkpoint_without_shadows_converts_with_parity(tmp_path):
+def test_automl_d1_checkpoint_with_ema_shadows_converts_with_parity(tmp_path):
     config = load_config("efficientdet_d1")
     reference = _effdet_reference("tf_efficientdet_d1", config, SIZE)
     randomize_(reference, np.random.RandomState(0).normal(size=(4, SIZE, SIZE, 3)).astype(np.float32))
     directory = tmp_path / "efficientdet-d1"
-    write_automl_checkpoint(automl_variables(reference, "efficientnet-b1"), str(directory), ema_seed=None)
-    report = _check_conversion(reference, directory, "d1", tmp_path, ema=False)
-    assert report["superseded"] == 0
+    write_automl_checkpoint(automl_variables(reference, "efficientnet-b1"), str(directory), ema_seed=2)
+    report = _check_conversion(reference, directory, "d1", tmp_path, ema=True)
+    assert report["superseded"] > report["mapped"]
+
+
+def test_tf_reader_prefers_shadows_and_falls_back_to_plain_values(tmp_path):
+    """A variable with a shadow is read from it (its plain value listed as ignored); without shadows, as it is."""
+    variables = {"a/kernel": np.full((2, 2), 1.0, np.float32), "b/bias": np.full((3,), 2.0, np.float32)}
+    write_automl_checkpoint(variables, str(tmp_path / "plain"), ema_seed=None)
+    state, ignored = tf_checkpoint.load(str(tmp_path / "plain"), lambda key: None, "/ExponentialMovingAverage")
+    assert sorted(state) == ["a/kernel", "b/bias", "global_step"] and not ignored
+    assert np.array_equal(state["a/kernel"], variables["a/kernel"])
+
+    write_automl_checkpoint(variables, str(tmp_path / "ema"), ema_seed=3)
+    state, ignored = tf_checkpoint.load(str(tmp_path / "ema"), lambda key: None, "/ExponentialMovingAverage")
+    assert sorted(state) == ["a/kernel", "b/bias", "global_step"]
+    assert np.array_equal(state["a/kernel"], variables["a/kernel"]) and np.array_equal(
+        state["b/bias"], variables["b/bias"]
+    )
+    assert sorted(key for key, _ in ignored) == ["a/kernel", "b/bias"]
+    state, _ = tf_checkpoint.load(str(tmp_path / "ema"), lambda key: None, None)  # shadows not preferred: both kept
+    assert "a/kernel/ExponentialMovingAverage" in state and not np.array_equal(state["a/kernel"], variables["a/kernel"])
 
 
 def test_automl_checkpoint_with_another_variants_config_is_refused(d0_checkpoint, tmp_path):
