@@ -1,4 +1,4 @@
-"""Timing helper shared by the benchmark scripts."""
+"""Timing helpers shared by the benchmark scripts."""
 
 from __future__ import annotations
 
@@ -15,3 +15,38 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def random_batch(batch_size: int, size: int, max_instances: int, rng, num_classes: int = 3) -> dict:
+    """A training batch of our pipeline's layout: random images and 70% valid random boxes (ymin, xmin, ymax, xmax)."""
+    import numpy as np
+
+    yx = rng.uniform(0, size * 0.7, (batch_size, max_instances, 2))
+    hw = rng.uniform(size * 0.05, size * 0.3, (batch_size, max_instances, 2))
+    return {
+        "image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
+        "boxes": np.concatenate([yx, yx + hw], -1).astype(np.float32),
+        "classes": rng.randint(1, num_classes + 1, (batch_size, max_instances)).astype(np.int32),
+        "valid": rng.uniform(size=(batch_size, max_instances)) < 0.7,
+        "crowd": np.zeros((batch_size, max_instances), bool),
+    }
+
+
+def compiled_train_step(config, batch: dict):
+    """(compile seconds, state, step) of our full train step for ``config`` (forward, anchor labeling, losses,
+    backward, optimizer update, BN statistics) on ``batch``'s shapes; ``step(state, batch) -> (state, metrics)``."""
+    import functools
+
+    import jax
+
+    from scaledet_jax import train
+    from scaledet_jax.tasks import build_task
+
+    task = build_task(config)
+    schedule = train.learning_rate_schedule(config, 100, 1000)
+    tx = train.make_optimizer(config, schedule)
+    state = jax.jit(lambda r: train.init_state(config, task, tx, r))(jax.random.key(0))
+    step = jax.jit(functools.partial(train.train_step, config, task, tx, schedule, jax.random.key(1)), donate_argnums=0)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    return time.perf_counter() - start, state, compiled

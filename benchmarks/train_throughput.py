@@ -10,7 +10,6 @@ augmentation. Runs on whatever JAX's default backend is (CPU here).
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import tempfile
@@ -23,9 +22,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-
-from scaledet_jax import train  # noqa: E402
-from scaledet_jax.tasks import build_task  # noqa: E402
+from timing import compiled_train_step, random_batch  # noqa: E402
 
 flags.DEFINE_integer("steps", 10, "Timed train steps per model after the compile.")
 flags.DEFINE_list(
@@ -37,31 +34,12 @@ flags.DEFINE_integer("pipeline_batches", 30, "Timed input batches.")
 FLAGS = flags.FLAGS
 
 
-def random_batch(batch_size: int, size: int, max_instances: int, rng: np.random.RandomState) -> dict:
-    yx = rng.uniform(0, size * 0.7, (batch_size, max_instances, 2))
-    hw = rng.uniform(size * 0.05, size * 0.3, (batch_size, max_instances, 2))
-    return {
-        "image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
-        "boxes": np.concatenate([yx, yx + hw], -1).astype(np.float32),
-        "classes": rng.randint(1, 4, (batch_size, max_instances)).astype(np.int32),
-        "valid": rng.uniform(size=(batch_size, max_instances)) < 0.7,
-        "crowd": np.zeros((batch_size, max_instances), bool),
-    }
-
-
 def bench_train_step(config) -> tuple[float, float]:
     """(compile seconds, images per second)."""
-    task = build_task(config)
-    schedule = train.learning_rate_schedule(config, 100, 1000)
-    tx = train.make_optimizer(config, schedule)
-    state = jax.jit(lambda r: train.init_state(config, task, tx, r))(jax.random.key(0))
-    step = jax.jit(functools.partial(train.train_step, config, task, tx, schedule, jax.random.key(1)), donate_argnums=0)
     batch = random_batch(
         config.data.train_batch_size, config.model.image_size, config.data.max_instances, np.random.RandomState(0)
     )
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
+    compile_s, state, compiled = compiled_train_step(config, batch)
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
