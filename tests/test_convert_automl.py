@@ -8,14 +8,12 @@ no automl install), and run: class and box outputs at every level must equal eff
 """
 
 import json
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 from automl_reference import automl_variables, write_automl_checkpoint
-from configs_util import CONFIG_DIR, load_config
+from configs_util import load_config, run_convert
 from torch_reference import randomize_
 
 from scaledet_jax.convert import checkpoint, tf_checkpoint
@@ -25,16 +23,6 @@ from scaledet_jax.tools import profile
 
 TOLERANCE = 1e-4
 SIZE = 256
-
-
-def _convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "scaledet_jax.convert", *args],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=str(CONFIG_DIR.parent),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +38,7 @@ def d0_checkpoint(tmp_path_factory):
 
 def _check_conversion(reference, directory, variant: str, tmp_path, ema: bool) -> dict:
     out = tmp_path / "converted"
-    result = _convert(
+    result = run_convert(
         "--from=automl",
         f"--config=configs/efficientdet_{variant}.py",
         f"--input={directory}",
@@ -121,7 +109,9 @@ def test_tf_reader_prefers_shadows_and_falls_back_to_plain_values(tmp_path):
 def test_automl_checkpoint_with_another_variants_config_is_refused(d0_checkpoint, tmp_path):
     _, directory = d0_checkpoint
     out = tmp_path / "converted"
-    result = _convert("--from=automl", "--config=configs/efficientdet_d1.py", f"--input={directory}", f"--output={out}")
+    result = run_convert(
+        "--from=automl", "--config=configs/efficientdet_d1.py", f"--input={directory}", f"--output={out}"
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "efficientnet-b0" in result.stderr and "configs/efficientdet_d0.py" in result.stderr
     assert not out.exists()
@@ -148,7 +138,7 @@ def test_tf_checkpoint_mistakes_get_one_line(d0_checkpoint, tmp_path):
         (truncated, "no .data-* shard"),
     ):
         out = tmp_path / f"out_{source.name}"
-        result = _convert(
+        result = run_convert(
             "--from=automl", "--config=configs/efficientdet_d0.py", f"--input={source}", f"--output={out}"
         )
         assert result.returncode != 0 and "Traceback" not in result.stderr and message in result.stderr, result.stderr

@@ -17,14 +17,12 @@ checkpoints; a test re-measures it for every variant.
 
 import copy
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from configs_util import CONFIG_DIR, load_config
+from configs_util import load_config, run_convert
 from flax import traverse_util
 from model_garden import (
     build_retinanet_spinenet,
@@ -140,16 +138,6 @@ def test_mismatched_structure_is_refused(pair):
         mg.keras_to_flax(pair["units"], order[1:] + order[:1], abstract)
 
 
-def _convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "scaledet_jax.convert", *args],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=str(CONFIG_DIR.parent),
-    )
-
-
 @pytest.fixture(scope="module")
 def trainer_checkpoint(pair, tmp_path_factory) -> str:
     """The randomised Model Garden model saved as its trainer saves it; returns the directory."""
@@ -161,7 +149,7 @@ def trainer_checkpoint(pair, tmp_path_factory) -> str:
 def test_model_garden_checkpoint_converts_through_the_cli(pair, trainer_checkpoint, tmp_path):
     size, name = pair["size"], f"spinenet{pair['config'].model.backbone.model_id.lower()}"
     out = tmp_path / "converted"
-    result = _convert(
+    result = run_convert(
         "--from=model-garden", f"--config=configs/{name}.py", f"--input={trainer_checkpoint}",
         f"--output={out}", f"--image_size={size}",
     )  # fmt: skip
@@ -193,7 +181,7 @@ def test_model_garden_checkpoint_with_another_variants_config_is_refused(pair, t
     # 49S under SpineNet-96's config: another topology (layer count); 49 under 49S's: other widths (shapes).
     other = {"49S": "spinenet96", "49": "spinenet49s"}[pair["config"].model.backbone.model_id]
     out = tmp_path / "converted"
-    result = _convert("--from=model-garden", f"--config=configs/{other}.py", f"--input={trainer_checkpoint}",
+    result = run_convert("--from=model-garden", f"--config=configs/{other}.py", f"--input={trainer_checkpoint}",
                       f"--output={out}", "--image_size=128")  # fmt: skip
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"does not fit configs/{other}.py as --from=model-garden" in result.stderr

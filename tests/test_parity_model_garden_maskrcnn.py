@@ -15,14 +15,12 @@ The same model saved as Model Garden's trainer saves it converts through ``pytho
 
 import copy
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from configs_util import CONFIG_DIR, load_config
+from configs_util import load_config, run_convert
 from flax import traverse_util
 from model_garden import build_maskrcnn_spinenet, maskrcnn_roi_outputs, randomize_maskrcnn, write_trainer_checkpoint
 
@@ -119,10 +117,9 @@ def test_torchvision_roi_align_is_a_negative_control(pair):
 def test_model_garden_checkpoint_converts_through_the_cli(pair, tmp_path):
     write_trainer_checkpoint(pair["keras"], str(tmp_path / "train"), step=1000)
     out = tmp_path / "converted"
-    result = subprocess.run(
-        [sys.executable, "-m", "scaledet_jax.convert", "--from=model-garden", "--config=configs/maskrcnn_spinenet49.py",
-         f"--input={tmp_path / 'train'}", f"--output={out}", f"--image_size={SIZE}"],
-        capture_output=True, text=True, timeout=900, cwd=str(CONFIG_DIR.parent),
+    result = run_convert(
+        "--from=model-garden", "--config=configs/maskrcnn_spinenet49.py", f"--input={tmp_path / 'train'}",
+        f"--output={out}", f"--image_size={SIZE}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.load(open(out / "conversion.json"))["model_options"]["num_classes"] == 91
