@@ -64,6 +64,50 @@ def test_one_by_one_conv_runs_as_a_dot_on_cpu_with_equal_values_and_gradients(st
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "size,kernel,stride,cin,cout,padding,form",
+    [
+        (15, 3, 1, 6, snn.FLAT_MIN_OUTPUT_CHANNELS, "same", "flat"),  # a RetinaNet class-output conv
+        (16, 5, 1, 3, snn.FLAT_MIN_OUTPUT_CHANNELS + 7, "symmetric", "flat"),
+        (15, 3, 2, snn.IM2COL_MIN_INPUT_CHANNELS, 5, "same", "im2col"),  # TF 'SAME': more padding after
+        (16, 3, 2, snn.IM2COL_MIN_INPUT_CHANNELS, 5, "same", "im2col"),
+        (16, 3, 2, snn.IM2COL_MIN_INPUT_CHANNELS + 3, 4, "symmetric", "im2col"),
+        (15, 3, 1, 6, 8, "same", None),  # XLA's own filter gradient was the fastest measured: kept
+        (15, 3, 2, 3, 8, "same", None),
+    ],
+)
+def test_cpu_filter_gradient_forms_equal_native_and_pytorch(size, kernel, stride, cin, cout, padding, form):
+    """Where XLA's CPU filter gradient is slow (benchmarks/conv_backward.py) it is computed as dots: the forward
+    and input gradient stay XLA's; values and both gradients equal XLA's native ones and PyTorch's autograd."""
+    x = np.random.RandomState(3).randn(2, size, size + 1, cin).astype(np.float32)
+    layer = snn.conv(cout, kernel, stride, padding=padding)
+    variables = layer.init(jax.random.key(0), jnp.asarray(x))
+    loss = lambda v, x: jnp.sum(jnp.sin(layer.apply(v, x)))  # noqa: E731
+    forward = str(jax.make_jaxpr(loss)(variables, jnp.asarray(x)))
+    assert ("custom_vjp_call" in forward) == (form is not None)
+    gradient = str(jax.make_jaxpr(jax.grad(loss))(variables, jnp.asarray(x)))
+    assert gradient.count("dot_general") == {"flat": 2 * kernel * kernel, "im2col": 1, None: 0}[form]  # taps x images
+    ours = layer.apply(variables, x), jax.grad(loss, argnums=(0, 1))(variables, jnp.asarray(x))
+    with snn.depthwise_impl("conv"):
+        native_loss = lambda v, x: jnp.sum(jnp.sin(layer.apply(v, x)))  # noqa: E731
+        native = layer.apply(variables, x), jax.grad(native_loss, argnums=(0, 1))(variables, jnp.asarray(x))
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(native), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
+
+    # PyTorch: the same padding made explicit (TF 'SAME' may pad one more pixel after), autograd gradients
+    pads = jax.lax.padtype_to_pads(x.shape[1:3], (kernel, kernel), (stride, stride), "SAME")
+    if padding == "symmetric":
+        pads = [(kernel // 2, kernel // 2)] * 2
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+    wt = torch.from_numpy(np.asarray(variables["params"]["kernel"]).transpose(3, 2, 0, 1).copy()).requires_grad_()
+    yt = F.conv2d(F.pad(xt, (pads[1][0], pads[1][1], pads[0][0], pads[0][1])), wt, stride=stride)
+    torch.sin(yt).sum().backward()
+    _, (grads, dx) = ours
+    np.testing.assert_allclose(ours[0], yt.detach().permute(0, 2, 3, 1).numpy(), atol=1e-4)
+    np.testing.assert_allclose(grads["params"]["kernel"], wt.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx, xt.grad.permute(0, 2, 3, 1).numpy(), atol=1e-4)
+
+
 def test_same_and_symmetric_differ_for_strided_conv():
     # The reason padding is a model option: on even inputs a strided 3x3 conv sees different pixels.
     x = jnp.asarray(np.random.RandomState(2).randn(1, 8, 8, 2).astype(np.float32))
