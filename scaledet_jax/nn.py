@@ -404,16 +404,67 @@ class DepthwiseConv(nn.Module):
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
                 feature_group_count=channels,
             )
-        top, bottom, out_h = _same_pads(x.shape[1], k, s, self.padding)
-        left, right, out_w = _same_pads(x.shape[2], k, s, self.padding)
-        padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-        out = None
-        for i in range(k):
-            for j in range(k):
-                window = padded[:, i : i + (out_h - 1) * s + 1 : s, j : j + (out_w - 1) * s + 1 : s, :]
-                term = window * kernel[i, j, 0]
-                out = term if out is None else out + term
-        return out
+        top, bottom, _ = _same_pads(x.shape[1], k, s, self.padding)
+        left, right, _ = _same_pads(x.shape[2], k, s, self.padding)
+        return _depthwise_shifted(x, kernel, s, ((top, bottom), (left, right)))
+
+
+def _depthwise_windows(x: Array, k: int, s: int, pads) -> tuple[Array, int, int]:
+    """(padded input, output height, output width) of a depthwise kxk conv with stride ``s``."""
+    (top, bottom), (left, right) = pads
+    padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    return padded, (padded.shape[1] - k) // s + 1, (padded.shape[2] - k) // s + 1
+
+
+def _depthwise_shifted_forward(x: Array, kernel: Array, s: int, pads) -> Array:
+    k = kernel.shape[0]
+    padded, out_h, out_w = _depthwise_windows(x, k, s, pads)
+    out = None
+    for i in range(k):
+        for j in range(k):
+            window = padded[:, i : i + (out_h - 1) * s + 1 : s, j : j + (out_w - 1) * s + 1 : s, :]
+            term = window * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_shifted(x: Array, kernel: Array, s: int, pads) -> Array:
+    """The shifted-slices depthwise conv; its filter gradient one kernel tap per loop iteration.
+
+    Differentiated directly, XLA fuses the k*k filter-gradient reductions (window x output gradient, summed
+    over batch and space) into one multi-output loop that runs ~4x slower than the same reductions one at a
+    time (D0's [2, 128, 128, 144] 3x3: 50 ms vs 12 ms), and they were most of EfficientDet's backward pass.
+    """
+    return _depthwise_shifted_forward(x, kernel, s, pads)
+
+
+def _depthwise_shifted_fwd(x, kernel, s, pads):
+    return _depthwise_shifted_forward(x, kernel, s, pads), (x, kernel)
+
+
+def _depthwise_shifted_bwd(s, pads, residuals, g):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda x: _depthwise_shifted_forward(x, kernel, s, pads), x)
+    (dx,) = input_vjp(g)
+    k = kernel.shape[0]
+    padded, out_h, out_w = _depthwise_windows(x, k, s, pads)
+    # the s*s stride phases of the padded input, so each tap's window is an unstrided dynamic slice
+    rows, cols = -(-padded.shape[1] // s) * s, -(-padded.shape[2] // s) * s
+    padded = jnp.pad(padded, ((0, 0), (0, rows - padded.shape[1]), (0, cols - padded.shape[2]), (0, 0)))
+    phases = jnp.stack([padded[:, a::s, b::s] for a in range(s) for b in range(s)])
+
+    def tap_gradient(tap):
+        i, j = tap // k, tap % k
+        start = ((i % s) * s + j % s, 0, i // s, j // s, 0)
+        window = jax.lax.dynamic_slice(phases, start, (1,) + g.shape)[0]
+        return jnp.sum(window * g, axis=(0, 1, 2), dtype=jnp.float32)
+
+    dkernel = jax.lax.map(tap_gradient, jnp.arange(k * k)).reshape(kernel.shape)
+    return dx, dkernel.astype(kernel.dtype)
+
+
+_depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
 
 
 class SeparableConv(nn.Module):

@@ -212,3 +212,19 @@ def test_depthwise_symmetric_matches_pytorch():
         groups=4,
     )
     np.testing.assert_allclose(layer.apply(variables, jnp.asarray(x)), ref.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+
+
+def test_depthwise_gradients_match_pytorch_autograd():
+    """The shifted depthwise conv's own VJP (filter gradient one tap at a time) against PyTorch's autograd."""
+    x = np.random.RandomState(4).normal(size=(2, 12, 11, 5)).astype(np.float32)
+    for kernel_size, stride in ((3, 1), (5, 2), (3, 2)):
+        layer = snn.DepthwiseConv(kernel_size, stride, padding="symmetric", impl="shifted")
+        variables = layer.init(jax.random.key(0), jnp.asarray(x))
+        assert "custom_vjp_call" in str(jax.make_jaxpr(lambda v, x, layer=layer: layer.apply(v, x))(variables, x))
+        loss = lambda v, x, layer=layer: jnp.sum(jnp.sin(layer.apply(v, x)))  # noqa: E731
+        grads, dx = jax.grad(loss, argnums=(0, 1))(variables, jnp.asarray(x))
+        xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+        kt = torch.from_numpy(np.asarray(variables["params"]["kernel"]).transpose(3, 2, 0, 1).copy()).requires_grad_()
+        torch.sin(F.conv2d(xt, kt, stride=stride, padding=kernel_size // 2, groups=5)).sum().backward()
+        np.testing.assert_allclose(grads["params"]["kernel"], kt.grad.numpy().transpose(2, 3, 1, 0), atol=1e-4)
+        np.testing.assert_allclose(dx, xt.grad.permute(0, 2, 3, 1).numpy(), atol=1e-5)
