@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-from timing import compiled_train_step, median_seconds, random_batch  # noqa: E402
+from timing import batch2_train_step, median_seconds  # noqa: E402
 
 flags.DEFINE_list(
     "rows", ["efficientdet_d0@512", "spinenet49s@640", "spinenet49@640"], "config@size rows (configs/ names)."
@@ -61,16 +61,7 @@ def inference(config) -> tuple[float, float]:
 
 def training(config) -> tuple[float, float]:
     """(GFLOPs, median seconds) of one batch-2 train step."""
-    config.data.train_batch_size = 2
-    batch = random_batch(2, config.model.image_size, 100, np.random.RandomState(0))
-    _, state, step = compiled_train_step(config, batch)
-    holder = {"state": state}
-
-    def run() -> None:
-        holder["state"], metrics = step(holder["state"], batch)
-        jax.block_until_ready(metrics)
-
-    run()
+    step, run = batch2_train_step(config)
     return _flops(step) / 1e9, median_seconds(run, FLAGS.repeats)
 
 

@@ -44,7 +44,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-from timing import compiled_train_step, median_seconds, random_batch  # noqa: E402
+from timing import batch2_train_step, median_seconds  # noqa: E402
 
 flags.DEFINE_list("rows", ["spinenet49@640", "efficientdet_d0@512"], "config@size rows (configs/ names).")
 flags.DEFINE_integer("repeats", 3, "Timed runs (median) per measurement after a warm-up run.")
@@ -196,17 +196,7 @@ def inference(config):
 
 def training(config):
     """Breakdown of the batch-2 train step."""
-    config.data.train_batch_size = 2
-    batch = random_batch(2, config.model.image_size, 100, np.random.RandomState(0))
-    _, state, step = compiled_train_step(config, batch)
-    holder = {"state": state}
-
-    def run() -> None:
-        holder["state"], metrics = step(holder["state"], batch)
-        jax.block_until_ready(metrics)
-
-    run()
-    return breakdown(step, run)
+    return breakdown(*batch2_train_step(config))
 
 
 def _table(title: str, per_class: dict[str, float], wall_ms: float) -> None:

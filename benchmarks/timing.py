@@ -50,3 +50,22 @@ def compiled_train_step(config, batch: dict):
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     return time.perf_counter() - start, state, compiled
+
+
+def batch2_train_step(config):
+    """(compiled step, run) for a batch-2 train step on random data; ``run()`` does one step and waits for it
+    (the state is carried between calls). One warm-up step has run."""
+    import jax
+    import numpy as np
+
+    config.data.train_batch_size = 2
+    batch = random_batch(2, config.model.image_size, 100, np.random.RandomState(0))
+    _, state, step = compiled_train_step(config, batch)
+    holder = {"state": state}
+
+    def run() -> None:
+        holder["state"], metrics = step(holder["state"], batch)
+        jax.block_until_ready(metrics)
+
+    run()
+    return step, run
