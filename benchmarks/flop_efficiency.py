@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-from timing import batch2_train_step, median_seconds  # noqa: E402
+from timing import batch2_train_step, config_for_row, median_seconds  # noqa: E402
 
 flags.DEFINE_list(
     "rows", ["efficientdet_d0@512", "spinenet49s@640", "spinenet49@640"], "config@size rows (configs/ names)."
@@ -67,16 +67,12 @@ def training(config) -> tuple[float, float]:
 
 def main(argv):
     del argv
-    from configs_util import load_config
-
     peak = matmul_peak()
     print(f"matmul peak (4096^2 float32, jit): {peak:.0f} GFLOP/s", flush=True)
     rows = []
     for spec in FLAGS.rows:
-        name, _, size = spec.partition("@")
-        config = load_config(name)
-        if size:
-            config.model.image_size = int(size)
+        name = spec.partition("@")[0]
+        config = config_for_row(spec)
         start = time.perf_counter()
         inf = inference(config)
         tr = training(config)

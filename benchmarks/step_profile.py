@@ -44,7 +44,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-from timing import batch2_train_step, median_seconds  # noqa: E402
+from timing import batch2_train_step, config_for_row, median_seconds  # noqa: E402
 
 flags.DEFINE_list("rows", ["spinenet49@640", "efficientdet_d0@512"], "config@size rows (configs/ names).")
 flags.DEFINE_integer("repeats", 3, "Timed runs (median) per measurement after a warm-up run.")
@@ -208,14 +208,10 @@ def _table(title: str, per_class: dict[str, float], wall_ms: float) -> None:
 
 def main(argv):
     del argv
-    from configs_util import load_config
-
     print(f"{jax.devices()[0].platform} ({os.cpu_count()} cores)", flush=True)
     for spec in FLAGS.rows:
-        name, _, size = spec.partition("@")
-        config = load_config(name)
-        if size:
-            config.model.image_size = int(size)
+        name = spec.partition("@")[0]
+        config = config_for_row(spec)
         start = time.perf_counter()
         (inf_classes, inf_wall), (with_bn, bias_only) = inference(config)
         train_classes, train_wall = training(config)

@@ -69,3 +69,14 @@ def batch2_train_step(config):
 
     run()
     return step, run
+
+
+def config_for_row(spec: str):
+    """``configs/NAME.py``'s config for a benchmark row 'NAME' or 'NAME@SIZE' (SIZE overrides the input size)."""
+    from configs_util import load_config
+
+    name, _, size = spec.partition("@")
+    config = load_config(name)
+    if size:
+        config.model.image_size = int(size)
+    return config
