@@ -132,14 +132,14 @@ def _is_filter_gradient(shape: str, rest: str) -> bool:
 
 def profile(fn, runs: int = 2) -> collections.Counter:
     """Summed duration (ms per run) of each traced event name over ``runs`` calls of ``fn``."""
-    directory = tempfile.mkdtemp(prefix="step_profile_")
-    jax.profiler.start_trace(directory, create_perfetto_trace=True)
-    for _ in range(runs):
-        fn()
-    jax.profiler.stop_trace()
-    path = sorted(glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True))[-1]
-    with gzip.open(path) as f:
-        trace = json.load(f)
+    with tempfile.TemporaryDirectory(prefix="step_profile_") as directory:  # traces are large: not kept
+        jax.profiler.start_trace(directory, create_perfetto_trace=True)
+        for _ in range(runs):
+            fn()
+        jax.profiler.stop_trace()
+        path = sorted(glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True))[-1]
+        with gzip.open(path) as f:
+            trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     totals: collections.Counter = collections.Counter()
     for event in events:
