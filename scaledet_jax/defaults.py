@@ -51,6 +51,12 @@ def get_config() -> ml_collections.ConfigDict:
     model.detection = ml_collections.ConfigDict(
         dict(pre_nms_top_k=5000, score_threshold=0.05, nms_iou_threshold=0.5, max_detections=100)
     )
+    # How Detector.predict / scaledet_jax.predict resize an image: 'letterbox' as training and evaluation do, or
+    # a converted checkpoint's source ('mmdet', 'torchvision', 'effdet'; recorded by the converter; see
+    # data/test_resize.py). min_size / max_size 0: image_size.
+    model.test_resize = ml_collections.ConfigDict(
+        dict(style="letterbox", min_size=0, max_size=0, size_divisor=0, pad_square=False)
+    )
 
     # ---- losses ------------------------------------------------------------------------------
     config.loss = ml_collections.ConfigDict(

@@ -7,9 +7,10 @@
         print(found["boxes"], found["scores"], found["names"])  # boxes [N, 4] x1, y1, x2, y2 in the image's pixels
 
 Images of any size and aspect are resized keeping their aspect ratio to the model's input size and padded,
-exactly as evaluation does (``data.preprocess.preprocess``); boxes (and masks) are mapped back to the original
-pixels. Predict is jit-compiled once per batch size; batches are padded to ``batch_size`` so that one
-compilation serves every call.
+exactly as evaluation does (``data.preprocess.preprocess``), or as a converted checkpoint's source does at test
+time (``model.test_resize``, recorded by the converter: ``data/test_resize.py``); boxes (and masks) are mapped
+back to the original pixels. Predict is jit-compiled once per input shape; batches are padded to ``batch_size``
+so that one compilation serves every call.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import ml_collections
 import numpy as np
 
 from scaledet_jax.cli import UserError
+from scaledet_jax.data import test_resize
+from scaledet_jax.data.test_resize import Resized
 
 CARD = "detector.json"  # in a run's workdir: the config and the training data's class names
 
@@ -113,16 +116,23 @@ class Detector:
         variables: dict[str, Any],
         categories: dict[int, str] | None = None,
         batch_size: int = 1,
+        dtype: Any = np.float32,
     ) -> None:
+        """``dtype``: of the model's input; float64 (with float64 variables, under ``jax.enable_x64``) runs the
+        whole detector in double precision, as the parity tests compare it with its source."""
         from scaledet_jax.tasks import build_task
 
         self.config = config
         self.categories = dict(categories or {})
         self.batch_size = int(batch_size)
+        self.dtype = dtype
         self.task = build_task(config)
         self.variables = jax.device_put(variables)
         self._predict = jax.jit(self.task.predict)
         self._prepare = None
+        test_resize.style_of(config)  # an unknown style is one line here, not at the first image
+        # mmdetection v1's "+1" boxes: they map back to original pixels by their inclusive corners.
+        self._plus_one = config.model.get("detection", {}).get("clip", "image") == "plus_one"
 
     @classmethod
     def from_checkpoint(
@@ -159,8 +169,8 @@ class Detector:
         _check_fits(build_task(config), config, variables, path)
         return cls(config, variables, categories, batch_size)
 
-    def _preprocess(self, image: np.ndarray) -> tuple[np.ndarray, float]:
-        """uint8 [H, W, 3] -> the model's normalised, padded input and its resize factor, as evaluation does."""
+    def _letterbox(self, image: np.ndarray) -> Resized:
+        """uint8 [H, W, 3] -> the model's normalised, padded input, as evaluation prepares it."""
         if self._prepare is None:
             import tensorflow as tf
 
@@ -180,38 +190,66 @@ class Detector:
                 return out["image"], out["scale"]
 
             self._prepare = tf.function(prepare, input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
-        image, scale = self._prepare(image)
-        return image.numpy(), float(scale.numpy())
+        pixels, scale = self._prepare(image)
+        size = float(self.config.model.image_size)
+        return Resized(pixels.numpy(), (size, size), (float(scale.numpy()),) * 2)
+
+    def _resize(self, image: np.ndarray) -> Resized:
+        if test_resize.style_of(self.config) == "letterbox":
+            return self._letterbox(image)
+        return test_resize.resize_for_model(image, self.config, np.dtype(self.dtype).type)
+
+    def _run(self, batch: np.ndarray, resized: list[Resized]) -> dict[str, np.ndarray]:
+        """The jitted predict on one batch; a source's resize also gives each image's extent (clipping) and
+        mmdetection's scale factor (its NMS compares boxes in original pixels)."""
+        if test_resize.style_of(self.config) == "letterbox":  # as evaluation: boxes clipped to the whole input
+            return jax.device_get(self._predict(self.variables, batch))
+        sizes = np.tile(np.asarray(batch.shape[1:3], np.float32), (len(batch), 1))
+        scales = np.ones(len(batch), np.float32)
+        for i, item in enumerate(resized):
+            sizes[i], scales[i] = item.valid_hw, item.scale_yx[0]
+        extra = {"nms_scales": scales} if self._plus_one else {}
+        return jax.device_get(self._predict(self.variables, batch, image_sizes=sizes, **extra))
 
     def predict(self, images: Sequence[np.ndarray] | np.ndarray, score_threshold: float = 0.0) -> list[dict]:
-        """Detections of each image (uint8 [H, W, 3] RGB, [H, W] gray or [H, W, 4] RGBA; a list, or a stacked
-        [B, H, W, 3] array) as a dict: ``boxes`` [N, 4] float32 (x1, y1, x2, y2 in the image's pixels),
-        ``scores`` [N], ``classes`` [N] (category ids), ``names`` [N] and, for Mask R-CNN, ``masks`` [N, H, W]
-        bool — highest score first, those below ``score_threshold`` dropped."""
+        """Detections of each image (uint8 [H, W, 3] RGB, [H, W] gray or [H, W, 4] RGBA; a list, a stacked
+        [B, H, W, 3] array, or one image: a list of one) as a dict: ``boxes`` [N, 4] float32 (x1, y1, x2, y2
+        in the image's pixels), ``scores`` [N], ``classes`` [N] (category ids), ``names`` [N] and, for Mask
+        R-CNN, ``masks`` [N, H, W] bool — highest score first, those below ``score_threshold`` dropped.
+
+        Images are resized as ``model.test_resize`` says (``data/test_resize.py``): ours letterboxes every
+        image to the square ``image_size``; a converted checkpoint's source may keep the aspect ratio, which
+        gives other input shapes. Images of one input shape run together, ``batch_size`` at a time; each shape
+        compiles once."""
         from scaledet_jax.data.coco_folder import to_rgb8
 
-        if isinstance(images, np.ndarray) and images.ndim == 4:
-            images = list(images)
+        if isinstance(images, np.ndarray):  # one image [H, W(, C)] or a stack [B, H, W, C]
+            images = list(images) if images.ndim == 4 else [images]
         rgb = [to_rgb8(image) if not isinstance(image, np.ndarray) else as_rgb(image) for image in images]
-        results: list[dict] = []
-        size = self.config.model.image_size
-        for start in range(0, len(rgb), self.batch_size):
-            chunk = rgb[start : start + self.batch_size]
-            prepared = [self._preprocess(image) for image in chunk]
-            batch = np.zeros((self.batch_size, size, size, 3), np.float32)  # fixed shape: compiled once
-            for i, (pixels, _) in enumerate(prepared):
-                batch[i] = pixels
-            found = jax.device_get(self._predict(self.variables, batch))
-            for i, (image, (_, scale)) in enumerate(zip(chunk, prepared, strict=True)):
-                results.append(self._one_image(found, i, image.shape[0], image.shape[1], scale, score_threshold))
+        resized = [self._resize(image) for image in rgb]
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for index, item in enumerate(resized):
+            by_shape.setdefault(item.pixels.shape, []).append(index)
+        results: list[dict | None] = [None] * len(rgb)
+        for shape, indices in by_shape.items():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                batch = np.zeros((self.batch_size, *shape), self.dtype)  # fixed batch: one compilation a shape
+                for i, index in enumerate(chunk):
+                    batch[i] = resized[index].pixels
+                found = self._run(batch, [resized[index] for index in chunk])
+                for i, index in enumerate(chunk):
+                    results[index] = self._one_image(found, i, rgb[index].shape[:2], resized[index], score_threshold)
         return results
 
-    def _one_image(self, found: dict, i: int, height: int, width: int, scale: float, threshold: float) -> dict:
+    def _one_image(self, found: dict, i: int, hw: tuple[int, int], resized: Resized, threshold: float) -> dict:
         from scaledet_jax.ops import masks as mask_ops
 
+        height, width = hw
         keep = found["valid"][i] & (found["scores"][i] >= threshold)
         order = np.argsort(-found["scores"][i][keep], kind="stable")
-        boxes_yx = np.clip(found["boxes"][i][keep][order] / scale, 0, [height, width, height, width])
+        boxes_yx = test_resize.boxes_to_original(found["boxes"][i][keep][order], resized, self._plus_one)
+        boxes_yx = np.clip(boxes_yx, 0, [height, width, height, width])
         classes = found["classes"][i][keep][order].astype(np.int64)
         result = {
             "boxes": boxes_yx[:, [1, 0, 3, 2]].astype(np.float32),

@@ -1,4 +1,5 @@
-"""Loads the repository's config files the way ``--config=configs/NAME.py`` does; runs the converter CLI."""
+"""Loads the repository's config files the way ``--config=configs/NAME.py`` does; runs the converter CLI; makes
+test images."""
 
 import importlib.util
 import pathlib
@@ -6,6 +7,7 @@ import subprocess
 import sys
 
 import ml_collections
+import numpy as np
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
@@ -26,3 +28,11 @@ def run_convert(*args: str) -> subprocess.CompletedProcess:
         timeout=900,
         cwd=str(CONFIG_DIR.parent),
     )
+
+
+def photo_like(height: int, width: int, seed: int) -> np.ndarray:
+    """uint8 RGB with smooth structure and noise, so that every resampling weight shows in the pixels."""
+    rng = np.random.RandomState(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    waves = 60 * np.sin(x / 7.0 + seed) * np.cos(y / 5.0)
+    return np.clip(127 + waves[..., None] + rng.normal(0, 30, (height, width, 3)), 0, 255).astype(np.uint8)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from configs_util import CONFIG_DIR, load_config
+from configs_util import CONFIG_DIR, load_config, photo_like
 from torch_reference import randomize_
 
 from scaledet_jax.cli import UserError
@@ -127,6 +127,40 @@ def test_converted_effdet_gives_detbenchpredicts_detections(small_effdet, tmp_pa
         np.testing.assert_allclose(ours[:, :4], reference[:, :4], atol=0.01, rtol=0)
 
     compare(ours_with(config))
+
+    # The whole path on a 97 x 150 photo: effdet's transforms_coco_eval (PIL resize to 82 x 128, top left on the
+    # mean colour) and loader normalisation, DetBenchPredict with the image's img_scale / img_size (clip, map
+    # back), against Detector.predict on the uint8 image with the recorded model.test_resize.
+    from effdet.data.transforms import transforms_coco_eval
+    from PIL import Image
+
+    from scaledet_jax.detector import Detector
+
+    assert config.model.test_resize.style == "effdet"
+    image = photo_like(97, 150, seed=13)
+    spec = config.model.input
+    transform = transforms_coco_eval(
+        128, interpolation="bilinear", use_prefetcher=True, fill_color="mean",
+        mean=[m / 255 for m in spec.mean], std=[s / 255 for s in spec.std],
+    )  # fmt: skip
+    pixels, annotation = transform(Image.fromarray(image), {})
+    mean, std = (np.asarray(v, np.float64).reshape(3, 1, 1) for v in (spec.mean, spec.std))
+    x = torch.from_numpy((pixels.astype(np.float64) - mean) / std)[None]
+    # float32, as effdet's loader collates them (its post-processing runs in float32).
+    info = {"img_scale": torch.tensor([annotation["img_scale"]]), "img_size": torch.tensor([[150.0, 97.0]])}
+    with torch.no_grad():
+        theirs = bench(x, img_info=info)[0].float().numpy()
+    with jax.enable_x64(True):
+        v64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), variables)
+        (ours,) = Detector(config, v64, dtype=np.float64).predict(image)
+    assert len(ours["scores"]) == len(theirs) == 100
+    ours = np.concatenate([ours["boxes"], ours["scores"][:, None], ours["classes"][:, None]], axis=1)
+    ours, theirs = (d[np.lexsort((-d[:, 4], d[:, 5]))] for d in (ours, theirs))
+    print(f"\neffdet on a 97 x 150 photo: max box diff {np.max(np.abs(ours[:, :4] - theirs[:, :4])):.1e} px")
+    np.testing.assert_array_equal(ours[:, 5], theirs[:, 5])
+    np.testing.assert_allclose(ours[:, 4], theirs[:, 4], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours[:, :4], theirs[:, :4], atol=0.01, rtol=0)
+
     config.model.anchor.aspect_multipliers = ()  # negative control: sqrt(2) anchors move the 2:1 boxes
     with pytest.raises(AssertionError):
         compare(ours_with(config))

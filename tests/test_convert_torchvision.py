@@ -42,7 +42,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from configs_util import CONFIG_DIR, load_config
+from configs_util import CONFIG_DIR, load_config, photo_like
 from torch_reference import randomize_
 from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
@@ -502,6 +502,68 @@ def test_retinanet_end_to_end_detections_equal_torchvisions_postprocessing(retin
     np.testing.assert_allclose(found["scores"][valid][ours_order], scores[theirs_order], atol=1e-4, rtol=0)
     ours_xy = found["boxes"][valid][ours_order][:, [1, 0, 3, 2]]
     np.testing.assert_allclose(ours_xy, boxes[theirs_order], atol=0.01, rtol=0)
+
+
+def _detector_vs_torchvision(converted, reference: torch.nn.Module, image: np.ndarray, resize: tuple[int, int]):
+    """Issue 14 item 5, the whole path on a non-square photo: torchvision's eval forward (GeneralizedRCNNTransform
+    with ``resize`` = (min_size, max_size): normalise, resize, pad to 32; the detector; postprocess back to the
+    image) against ``Detector.predict`` on the uint8 image with the converter's recorded ``model.test_resize``
+    (sizes set as the reference's), both float64 networks. Returns (ours, theirs, config)."""
+    from scaledet_jax.detector import Detector
+
+    options = converted.info["model_options"]
+    assert options["test_resize.style"] == "torchvision" and options["test_resize.size_divisor"] == 32
+    assert (options["test_resize.min_size"], options["test_resize.max_size"]) == (800, 1333)  # its defaults
+    reference = copy.deepcopy(reference).double().eval()
+    reference.transform.min_size, reference.transform.max_size = (resize[0],), resize[1]
+    with torch.no_grad():
+        (theirs,) = reference([torch.from_numpy(image).permute(2, 0, 1).double() / 255.0])
+    config = copy.deepcopy(converted.config)
+    config.model.test_resize.min_size, config.model.test_resize.max_size = resize
+    with jax.enable_x64(True):
+        detector = Detector(config, _float64(converted.variables), dtype=np.float64)
+        (ours,) = detector.predict(image)
+    return ours, {k: v.numpy() for k, v in theirs.items()}, config
+
+
+def _assert_same_detections(ours: dict, theirs: dict, name: str) -> None:
+    """Same classes, scores within 1e-4, boxes (x1, y1, x2, y2, original pixels) within 0.01 px."""
+    o_order = np.lexsort((-ours["scores"], ours["classes"]))
+    t_order = np.lexsort((-theirs["scores"], theirs["labels"]))
+    box_diff = np.max(np.abs(ours["boxes"][o_order] - theirs["boxes"][t_order])) if len(o_order) == len(t_order) else -1
+    print(f"\n{name}: {len(t_order)} detections (torchvision) / {len(o_order)} (ours); max box diff {box_diff:.1e} px")
+    assert len(o_order) == len(t_order)
+    np.testing.assert_array_equal(ours["classes"][o_order], theirs["labels"][t_order])
+    np.testing.assert_allclose(ours["scores"][o_order], theirs["scores"][t_order], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours["boxes"][o_order], theirs["boxes"][t_order], atol=0.01, rtol=0)
+
+
+def test_faster_rcnn_detector_gives_torchvisions_detections_on_a_photo(faster):
+    """97 x 150 -> shorter side 112 would make the longer 173 > 160: resized to 103 x 160, padded to 128 x 160 (a
+    non-square input); proposals and detections clipped to 103 x 160, boxes mapped back per axis."""
+    image = photo_like(97, 150, seed=11)
+    ours, theirs, config = _detector_vs_torchvision(faster, faster.reference, image, (112, 160))
+    assert len(theirs["scores"]) >= 10 and len(set(theirs["labels"].tolist())) > 1  # a non-trivial comparison
+    _assert_same_detections(ours, theirs, "fasterrcnn, 97 x 150 photo")
+
+    config.model.test_resize.style = "letterbox"  # negative control: our training-time resize
+    with jax.enable_x64(True):
+        from scaledet_jax.detector import Detector
+
+        (letterboxed,) = Detector(config, _float64(faster.variables), dtype=np.float64).predict(image)
+    with pytest.raises(AssertionError):
+        _assert_same_detections(letterboxed, theirs, "fasterrcnn, letterbox resize")
+
+
+def test_retinanet_detector_gives_torchvisions_detections_on_a_photo(retina):
+    """A 150 x 97 (portrait) photo: resized to 160 x 103, padded to 160 x 128. Output 0 ('__background__') gets
+    the logits training leaves it (see the test above)."""
+    reference = copy.deepcopy(retina.reference)
+    with torch.no_grad():
+        reference.head.classification_head.cls_logits.bias[0::91] = -20.0
+    ours, theirs, _ = _detector_vs_torchvision(retina, reference, photo_like(150, 97, seed=12), (112, 160))
+    assert len(theirs["scores"]) >= 50
+    _assert_same_detections(ours, theirs, "retinanet, 150 x 97 photo")
 
 
 def test_strict_mapping_refuses_and_writes_nothing(conversions):

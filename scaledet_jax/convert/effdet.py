@@ -124,8 +124,10 @@ PYTORCH_NATIVE_OPTIONS = {
 
 # effdet's post-processing (``DetBenchPredict``: ``_post_process`` + ``generate_detections``, its default model
 # config): anchors with aspect (x, y) factors (1, 1), (1.4, 0.7), (0.7, 1.4); the top 5000 (anchor, class) pairs;
-# box deltas decoded without a log-size clip; no score threshold; per-class NMS at IoU 0.5; 100 detections.
+# box deltas decoded without a log-size clip; no score threshold; per-class NMS at IoU 0.5; 100 detections. Its
+# test-time resize: transforms_coco_eval's ResizePad (PIL bilinear, top left on the mean colour; data/test_resize).
 EFFDET_POSTPROCESSING = {
+    "test_resize.style": "effdet",
     "anchor.aspect_multipliers": ((1.0, 1.0), (1.4, 0.7), (0.7, 1.4)),
     "detection.pre_nms_top_k": 5000,
     "detection.log_size_clip": "none",

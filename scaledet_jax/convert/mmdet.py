@@ -62,8 +62,10 @@ COCO_80_CATEGORY_IDS = (
 )  # fmt: skip
 
 # mmdetection v1's RetinaNet-style post-processing (AnchorGenerator, delta2bbox, AnchorHead.get_bboxes_single with
-# the seeds' test_cfg: nms_pre 1000 per level, score_thr 0.05, per-class NMS at IoU 0.5, max_per_img 100).
+# the seeds' test_cfg: nms_pre 1000 per level, score_thr 0.05, per-class NMS at IoU 0.5, max_per_img 100) and its
+# test-time resize (Resize keep_ratio to the config's (S, S) image scale with OpenCV, Normalize, Pad: data/test_resize).
 MMDET_V1_POSTPROCESSING = {
+    "test_resize.style": "mmdet",
     "anchor.plus_one_rounding": True,
     "detection.per_level_top_k": 1000,
     "detection.log_size_clip": "both",
@@ -81,6 +83,7 @@ SPINENET_OPTIONS = {
     "backbone.resample_pooling": "single",
     "head.conv_bias": False,
     "background_slot": False,
+    "test_resize.size_divisor": 128,  # the seeds' test pipeline: Pad(size_divisor=128)
 }
 
 _CONV_BN = {"conv": "conv", "bn": "bn"}  # ConvModule children
@@ -355,7 +358,8 @@ def retinanet_class_options(state: Mapping[str, Any], config) -> dict[str, Any]:
 # EfficientDet (lucifer443 EfficientDet-Pytorch)
 # ---------------------------------------------------------------------------------------------
 
-EFFICIENTDET_OPTIONS = {"pool_padding": "symmetric", "background_slot": False}
+# lucifer443's test pipeline pads to the square input: Pad(size=(img_size, img_size)).
+EFFICIENTDET_OPTIONS = {"pool_padding": "symmetric", "background_slot": False, "test_resize.pad_square": True}
 
 _LUKEMELAS_NAMES = {
     "expand_conv": "_expand_conv",

@@ -68,6 +68,11 @@ TORCHVISION_RATIOS = (0.5, 1.0, 2.0)  # h / w, both detectors' AnchorGenerator
 
 # Both detectors (eps added by the layout entry: 1e-5, or 0 for the COCO_V1 weights).
 COMMON_OPTIONS = {
+    # GeneralizedRCNNTransform's defaults: shorter side 800, longer at most 1333, padded to multiples of 32.
+    "test_resize.style": "torchvision",
+    "test_resize.min_size": 800,
+    "test_resize.max_size": 1333,
+    "test_resize.size_divisor": 32,
     "activation": "relu",
     "conv_padding": "symmetric",
     "pool_padding": "symmetric",

@@ -70,16 +70,22 @@ class RoISettings:
 
 
 def rpn_anchors(
-    image_size: int, min_level: int, max_level: int, a: AnchorSettings, strides: dict[int, int] | None = None
+    image_size: int | tuple[int, int],
+    min_level: int,
+    max_level: int,
+    a: AnchorSettings,
+    strides: dict[int, int] | None = None,
 ) -> dict[int, np.ndarray]:
-    """{level: [H_l, W_l, A * 4]} anchors of the RPN (``strides``: per-level feature strides, default 2**level)."""
+    """{level: [H_l, W_l, A * 4]} anchors of the RPN for ``image_size`` (S or (H, W)) inputs (``strides``:
+    per-level feature strides, default 2**level)."""
+    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     return {
         level: anchor_ops.level_anchors(
             level,
             a.num_scales,
             list(a.aspect_ratios),
             a.anchor_size,
-            (image_size, image_size),
+            hw,
             center_offset=a.center_offset,
             round_base=a.round_base,
             integer_stride=a.integer_stride,
@@ -123,9 +129,11 @@ class FasterRCNN(nn.Module):
             )
         return dict(zip(levels, self.feature_strides, strict=True))
 
-    def anchors(self) -> dict[int, np.ndarray]:
-        """{level: [H_l, W_l, A * 4]} RPN anchors for ``image_size`` inputs."""
-        return rpn_anchors(self.image_size, self.min_level, self.max_level, self.anchor, self.level_strides())
+    def anchors(self, input_hw: tuple[int, int] | None = None) -> dict[int, np.ndarray]:
+        """{level: [H_l, W_l, A * 4]} RPN anchors for [H, W] = ``input_hw`` inputs (default: the square
+        ``image_size``; a source's keep-ratio test-time resize gives other shapes)."""
+        hw = input_hw or (self.image_size, self.image_size)
+        return rpn_anchors(hw, self.min_level, self.max_level, self.anchor, self.level_strides())
 
     def features(self, images: Array, train: bool = False) -> dict[int, Array]:
         features = self.backbone(images, train=train)
@@ -136,14 +144,18 @@ class FasterRCNN(nn.Module):
     def rpn(self, features: dict[int, Array], train: bool = False):
         return self.rpn_head({k: features[k] for k in range(self.min_level, self.max_level + 1)}, train=train)
 
-    def generate_proposals(self, objectness, deltas, train: bool) -> tuple[Array, Array, Array]:
-        """(proposals [B, K, 4], scores [B, K], valid [B, K]); no gradient flows into them."""
+    def generate_proposals(
+        self, objectness, deltas, train: bool, input_hw: tuple[int, int], image_sizes: Array | None = None
+    ) -> tuple[Array, Array, Array]:
+        """(proposals [B, K, 4], scores [B, K], valid [B, K]) for [H, W] = ``input_hw`` inputs, clipped to
+        ``image_sizes`` [B, 2] (each image's unpadded height, width) or else the input; no gradient flows
+        into them."""
         p = self.proposals
         return two_stage.generate_proposals(
             jax.tree_util.tree_map(jax.lax.stop_gradient, objectness),
             jax.tree_util.tree_map(jax.lax.stop_gradient, deltas),
-            self.anchors(),
-            (self.image_size, self.image_size),
+            self.anchors(input_hw),
+            input_hw if image_sizes is None else image_sizes,
             pre_nms_top_k=p.pre_nms_top_k_train if train else p.pre_nms_top_k,
             post_nms_top_k=p.post_nms_top_k_train if train else p.post_nms_top_k,
             nms_iou=p.nms_iou,
@@ -195,13 +207,29 @@ class FasterRCNN(nn.Module):
 
         return jax.vmap(one)(proposals, valid, gt["boxes"], gt["classes"], gt["valid"], gt["crowd"], rngs)
 
-    def __call__(self, images: Array, gt: dict[str, Array] | None = None, train: bool = False) -> dict[str, Any]:
-        return self._box_outputs(self.features(images, train=train), gt, train)
+    def __call__(
+        self,
+        images: Array,
+        gt: dict[str, Array] | None = None,
+        train: bool = False,
+        image_sizes: Array | None = None,
+    ) -> dict[str, Any]:
+        """``image_sizes`` [B, 2]: each image's unpadded (height, width) in input pixels, which proposals are
+        clipped to (torchvision's ``ImageList.image_sizes``); default the whole input."""
+        features = self.features(images, train=train)
+        return self._box_outputs(features, gt, train, tuple(images.shape[1:3]), image_sizes)
 
-    def _box_outputs(self, features: dict[int, Array], gt: dict[str, Array] | None, train: bool) -> dict[str, Any]:
+    def _box_outputs(
+        self,
+        features: dict[int, Array],
+        gt: dict[str, Array] | None,
+        train: bool,
+        input_hw: tuple[int, int],
+        image_sizes: Array | None = None,
+    ) -> dict[str, Any]:
         """RPN, proposals, (sampled) RoIs and the box head's outputs on them."""
         objectness, deltas = self.rpn(features, train=train)
-        proposals, scores, valid = self.generate_proposals(objectness, deltas, train)
+        proposals, scores, valid = self.generate_proposals(objectness, deltas, train, input_hw, image_sizes)
         outputs = {"rpn_objectness": objectness, "rpn_deltas": deltas}
         if gt is not None:
             samples = self.sample_rois(proposals, valid, gt)

@@ -48,11 +48,17 @@ class MaskRCNN(FasterRCNN):
     def num_mask_samples(self) -> int:
         return self.mask.num_samples or int(self.roi.num_samples * self.roi.foreground_fraction)
 
-    def __call__(self, images: Array, gt: dict[str, Array] | None = None, train: bool = False) -> dict[str, Any]:
+    def __call__(
+        self,
+        images: Array,
+        gt: dict[str, Array] | None = None,
+        train: bool = False,
+        image_sizes: Array | None = None,
+    ) -> dict[str, Any]:
         if self.mask_head is None:
             raise ValueError("MaskRCNN needs a mask_head")
         features = self.features(images, train=train)
-        outputs = self._box_outputs(features, gt, train)
+        outputs = self._box_outputs(features, gt, train, tuple(images.shape[1:3]), image_sizes)
         if gt is None:
             outputs["features"] = features  # the mask head runs on the detections (mask_outputs)
             if self.is_initializing():  # create its variables

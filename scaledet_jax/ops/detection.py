@@ -28,7 +28,7 @@ def generate_detections(
     class_logits: Array,
     box_outputs: Array,
     anchors: Array,
-    image_size: int,
+    image_size,
     pre_nms_top_k: int = 5000,
     score_threshold: float = 0.05,
     nms_iou_threshold: float = 0.5,
@@ -41,8 +41,12 @@ def generate_detections(
     per_level_rank: str = "anchor",
     log_size_clip: str = "max",
     clip: str = "image",
+    nms_scales: Array | None = None,
 ) -> dict[str, Array]:
-    """class_logits [B, N, C], box_outputs [B, N, 4], anchors [N, 4] -> boxes/scores/classes/valid.
+    """class_logits [B, N, C], box_outputs [B, N, 4], anchors [N, 4] -> boxes/scores/classes/valid (boxes in
+    input pixels). ``image_size``: what boxes are clipped to, S, (H, W) or per image [B, 2] (each image's
+    unpadded height, width after a keep-ratio resize, as mmdetection's ``img_shape`` and effdet's
+    ``img_size / img_scale``).
 
     ``classes`` are category ids: output index ``c`` with a background slot, ``c + 1`` without,
     ``category_ids[c]`` when given (no background slot).
@@ -59,7 +63,10 @@ def generate_detections(
       threshold: the same top pairs, as lower ones are masked after);
     * ``log_size_clip``: ``box_coder.decode_boxes``'s (``max``, ``both`` for mmdetection v1, ``none`` effdet);
     * ``clip``: ``image`` clips boxes to [0, size]; ``plus_one`` as mmdetection v1 clips its "+1" pixel boxes
-      to [0, size - 1] (in our frame x1, y1 in [0, size - 1] and x2, y2 in [1, size]).
+      to [0, size - 1] (in our frame x1, y1 in [0, size - 1] and x2, y2 in [1, size]);
+    * ``nms_scales`` [B] (input pixels per original pixel): NMS compares the boxes as the source does after
+      mapping them back to the original image, before NMS (mmdetection v1's ``rescale``). Only "+1" boxes
+      (``clip="plus_one"``) need it: their IoU changes under scaling, plain boxes' does not.
     """
     if category_ids and (background_slot or len(category_ids) != class_logits.shape[-1]):
         raise ValueError(
@@ -73,8 +80,12 @@ def generate_detections(
     if clip not in ("image", "plus_one"):
         raise ValueError(f"clip must be 'image' or 'plus_one', got {clip!r}")
     id_table = jnp.asarray((0, *category_ids), jnp.int32) if category_ids else None
+    batch = class_logits.shape[0]
+    size = (image_size, image_size) if isinstance(image_size, int) else image_size
+    image_hw = jnp.broadcast_to(jnp.asarray(size, jnp.float32), (batch, 2))
+    scales = jnp.ones((batch,), jnp.float32) if nms_scales is None else jnp.asarray(nms_scales, jnp.float32)
 
-    def one_image(logits, codes):
+    def one_image(logits, codes, hw, scale):
         if background_slot:
             logits = logits[:, 1:]
         per_anchor = jax.nn.sigmoid(logits.astype(jnp.float32))
@@ -107,13 +118,18 @@ def generate_detections(
         boxes = box_coder.decode_boxes(
             codes[anchor_index].astype(jnp.float32), anchors[anchor_index], log_size_clip=log_size_clip
         )
+        high = jnp.concatenate([hw, hw])
         if clip == "plus_one":
-            low, high = jnp.array([0.0, 0.0, 1.0, 1.0]), jnp.array([image_size - 1.0] * 2 + [float(image_size)] * 2)
-            boxes = jnp.clip(boxes, low, high)
+            boxes = jnp.clip(boxes, jnp.array([0.0, 0.0, 1.0, 1.0]), high - jnp.array([1.0, 1.0, 0.0, 0.0]))
+            compared = boxes
+            if nms_scales is not None:  # mmdetection's inclusive corners / its scale: x1 / s, (x2 - 1) / s + 1 here
+                inclusive = jnp.array([0.0, 0.0, 1.0, 1.0])
+                compared = (boxes - inclusive) / scale + inclusive
         else:
-            boxes = jnp.clip(boxes, 0.0, float(image_size))
+            boxes = jnp.clip(boxes, 0.0, high)
+            compared = boxes
         masked = jnp.where(top_scores >= score_threshold, top_scores, -jnp.inf)
-        keep, valid = nms.batched_nms(boxes, masked, classes, nms_iou_threshold, max_detections)
+        keep, valid = nms.batched_nms(compared, masked, classes, nms_iou_threshold, max_detections)
         return {
             "boxes": jnp.where(valid[:, None], boxes[keep], 0.0),
             "scores": jnp.where(valid, top_scores[keep], 0.0),
@@ -121,4 +137,4 @@ def generate_detections(
             "valid": valid,
         }
 
-    return jax.vmap(one_image)(class_logits, box_outputs)
+    return jax.vmap(one_image)(class_logits, box_outputs, image_hw, scales)

@@ -115,8 +115,12 @@ class FasterRCNNTask:
         parts["num_foreground_rois"] = jnp.sum(samples["foreground"] & samples["valid"]).astype(jnp.float32)
         return parts, new_stats, outputs
 
-    def predict(self, variables, images):
-        return self.to_category_ids(self.detections(self.model.apply(variables, images, train=False)))
+    def predict(self, variables, images, image_sizes=None):
+        """Detections (boxes in input pixels); ``image_sizes`` [B, 2]: each image's unpadded (height, width),
+        which proposals and detections are clipped to (default the whole input)."""
+        outputs = self.model.apply(variables, images, train=False, image_sizes=image_sizes)
+        clip_to = tuple(images.shape[1:3]) if image_sizes is None else image_sizes
+        return self.to_category_ids(self.detections(outputs, clip_to))
 
     def ground_truth(self, batch: dict[str, Array]) -> dict[str, Array]:
         """The batch's objects with classes as output indices: with ``model.category_ids`` (a converted
@@ -140,8 +144,9 @@ class FasterRCNNTask:
             detections = {**detections, "classes": jnp.where(detections["valid"], lookup[detections["classes"]], 0)}
         return detections
 
-    def detections(self, outputs: dict[str, Any]) -> dict[str, Array]:
-        """The box head's inference outputs -> fixed-shape detections (boxes in input pixels)."""
+    def detections(self, outputs: dict[str, Any], clip_to=None) -> dict[str, Array]:
+        """The box head's inference outputs -> fixed-shape detections (boxes in input pixels), clipped to
+        ``clip_to``: (H, W) or per image [B, 2] (default the square ``image_size``)."""
         m = self.config.model
         d = m.detection
         return two_stage.fast_rcnn_detections(
@@ -149,7 +154,7 @@ class FasterRCNNTask:
             outputs["box_deltas"],
             outputs["rois"],
             outputs["roi_valid"],
-            (m.image_size, m.image_size),
+            (m.image_size, m.image_size) if clip_to is None else clip_to,
             box_weights=tuple(m.box_coder_weights),
             score_threshold=d.score_threshold,
             nms_iou=d.nms_iou_threshold,

@@ -19,10 +19,15 @@ from scaledet_jax.tasks import init_with_images, register_task
 Array = jax.Array
 
 
-def model_anchors(config: ml_collections.ConfigDict) -> np.ndarray:
-    """The model's anchors, flattened in head-output order: [N, 4]. ``model.anchor.{center_offset,
-    round_base, integer_stride, truncate_sizes}`` (absent: Model Garden's layout) select
-    torchvision's layout, ``plus_one_rounding`` mmdetection v1's (see ``ops.anchors.level_anchors``)."""
+def _input_hw(config: ml_collections.ConfigDict, input_hw: tuple[int, int] | None) -> tuple[int, int]:
+    return tuple(input_hw) if input_hw else (config.model.image_size, config.model.image_size)
+
+
+def model_anchors(config: ml_collections.ConfigDict, input_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """The model's anchors for [H, W] = ``input_hw`` inputs (default the square ``image_size``), flattened in
+    head-output order: [N, 4]. ``model.anchor.{center_offset, round_base, integer_stride, truncate_sizes}``
+    (absent: Model Garden's layout) select torchvision's layout, ``plus_one_rounding`` mmdetection v1's (see
+    ``ops.anchors.level_anchors``)."""
     m = config.model
     a = m.anchor
     per_level = anchor_ops.multilevel_anchors(
@@ -31,7 +36,7 @@ def model_anchors(config: ml_collections.ConfigDict) -> np.ndarray:
         a.num_scales,
         list(a.aspect_ratios),
         a.anchor_size,
-        (m.image_size, m.image_size),
+        _input_hw(config, input_hw),
         center_offset=a.get("center_offset", 0.5),
         round_base=a.get("round_base", False),
         integer_stride=a.get("integer_stride", False),
@@ -42,12 +47,14 @@ def model_anchors(config: ml_collections.ConfigDict) -> np.ndarray:
     return anchor_ops.flatten_levels(per_level)
 
 
-def level_anchor_counts(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+def level_anchor_counts(config: ml_collections.ConfigDict, input_hw: tuple[int, int] | None = None) -> tuple[int, ...]:
     """Anchors per level, in head-output order (``ops.detection``'s ``level_sizes``)."""
     m = config.model
+    height, width = _input_hw(config, input_hw)
     per_location = anchor_ops.num_anchors_per_location(m.anchor.num_scales, m.anchor.aspect_ratios)
     return tuple(
-        math.ceil(m.image_size / 2**level) ** 2 * per_location for level in range(m.min_level, m.max_level + 1)
+        math.ceil(height / 2**level) * math.ceil(width / 2**level) * per_location
+        for level in range(m.min_level, m.max_level + 1)
     )
 
 
@@ -122,24 +129,35 @@ class RetinaNetTask:
         )
         return parts, new_stats
 
-    def predict(self, variables, images):
+    def predict(self, variables, images, image_sizes=None, nms_scales=None):
+        """Detections (boxes in input pixels) of images [B, H, W, 3] of any (static) shape. ``image_sizes``
+        [B, 2]: each image's unpadded (height, width), which boxes are clipped to (default the whole input);
+        ``nms_scales`` [B]: see ``ops.detection.generate_detections``."""
         m = self.config.model
         outputs = self.model.apply(variables, images, train=False)
         d = m.detection
+        input_hw = tuple(images.shape[1:3])
+        anchors, level_sizes = self.anchors, self.level_sizes
+        if input_hw != (m.image_size, m.image_size):
+            anchors, level_sizes = (
+                jnp.asarray(model_anchors(self.config, input_hw)),
+                level_anchor_counts(self.config, input_hw),
+            )
         return detection.generate_detections(
             detection.flatten_outputs(outputs["class_outputs"], m.num_classes),
             detection.flatten_outputs(outputs["box_outputs"], 4),
-            self.anchors,
-            m.image_size,
+            anchors,
+            input_hw if image_sizes is None else image_sizes,
             d.pre_nms_top_k,
             d.score_threshold,
             d.nms_iou_threshold,
             d.max_detections,
             background_slot=m.get("background_slot", True),
             category_ids=tuple(m.get("category_ids", ())),
-            level_sizes=self.level_sizes,
+            level_sizes=level_sizes,
             per_level_top_k=d.get("per_level_top_k", 0),
             per_level_rank=d.get("per_level_rank", "anchor"),
             log_size_clip=d.get("log_size_clip", "max"),
             clip=d.get("clip", "image"),
+            nms_scales=nms_scales,
         )
