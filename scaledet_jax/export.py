@@ -178,6 +178,8 @@ def manifest(detector, export_format: str, platforms: Sequence[str] | None) -> d
         "input": "image: uint8 [height, width, 3] RGB, any size",
         "outputs": outputs,
         "image_size": m.image_size,
+        # Inside the artifact images are letterboxed as in training (TF bilinear, padded to the square).
+        "resize": "letterbox",
         "jax_version": jax.__version__,
         "platforms": list(platforms or [jax.default_backend()]),
     }
@@ -250,6 +252,14 @@ def main(argv: list[str]) -> None:
     from scaledet_jax.detector import Detector
 
     detector = Detector.from_checkpoint(FLAGS.workdir or FLAGS.init_from, config)
+    source_resize = detector.config.model.test_resize.style
+    if source_resize != "letterbox":
+        print(
+            f"export: note: the artifact letterboxes images as training does; the source's {source_resize!r} "
+            "test-time resize (which Detector.predict and scaledet_jax.predict use) is not in it, so its "
+            "detections can differ slightly from theirs",
+            file=sys.stderr,
+        )
     print(f"export: tracing and lowering the detector for --format={FLAGS.format} ...", file=sys.stderr, flush=True)
     export(detector, FLAGS.format, FLAGS.output, FLAGS.platforms)
     message = f"Wrote the {FLAGS.format} export, {LABELS_FILE} and {MANIFEST_FILE} to {FLAGS.output}"

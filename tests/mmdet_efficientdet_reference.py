@@ -164,6 +164,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -708,9 +709,12 @@ def mmdet_v1_detections(
     score_thr: float = 0.05,
     iou_threshold: float = 0.5,
     max_per_img: int = 100,
+    scale_factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mmdet v1 ``AnchorHead.get_bboxes_single`` + ``multiclass_nms`` on one image's per-level NCHW (batch 1)
-    sigmoid logits and box deltas, with the seeds' test_cfg: (boxes "+1" x1, y1, x2, y2, scores, labels 0..C-1)."""
+    sigmoid logits and box deltas, with the seeds' test_cfg: (boxes "+1" x1, y1, x2, y2, scores, labels 0..C-1).
+    ``img_shape``: the resized image's (h, w) boxes are clipped to; ``scale_factor``: its ``rescale``, the boxes
+    divided by it before NMS (so NMS compares boxes in original pixels)."""
     boxes_all, scores_all = [], []
     for cls_score, bbox_pred, stride in zip(cls_scores, bbox_preds, ANCHOR_STRIDES, strict=True):
         anchors = mmdet_anchors(tuple(cls_score.shape[-2:]), stride, octave_base_scale).to(cls_score.dtype)
@@ -721,7 +725,7 @@ def mmdet_v1_detections(
             anchors, deltas, scores = anchors[top], deltas[top], scores[top]
         boxes_all.append(mmdet_v1_delta2bbox(anchors, deltas, img_shape))
         scores_all.append(scores)
-    boxes, scores = torch.cat(boxes_all), torch.cat(scores_all)
+    boxes, scores = torch.cat(boxes_all) / scale_factor, torch.cat(scores_all)
     kept_boxes, kept_scores, labels = [], [], []
     for c in range(scores.shape[1]):
         chosen = scores[:, c] > score_thr
@@ -736,3 +740,14 @@ def mmdet_v1_detections(
         top = scores.argsort(descending=True)[:max_per_img]
         boxes, scores, labels = boxes[top], scores[top], labels[top]
     return boxes, scores, labels
+
+
+def mmcv_imrescale(image: np.ndarray, scale: tuple[int, int]) -> tuple[np.ndarray, float]:
+    """mmcv 0.x ``imrescale(img, (long, short), return_scale=True)``, mmdetection v1.1's ``Resize(keep_ratio=True)``:
+    the factor ``min(long / max(h, w), short / min(h, w))``, sizes ``int(side * factor + 0.5)``, OpenCV bilinear."""
+    import cv2
+
+    h, w = image.shape[:2]
+    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    new_size = int(w * float(factor) + 0.5), int(h * float(factor) + 0.5)
+    return cv2.resize(image, new_size, interpolation=cv2.INTER_LINEAR), factor

@@ -28,8 +28,8 @@ import jax
 import numpy as np
 import pytest
 import torch
-from configs_util import CONFIG_DIR, load_config
-from mmdet_efficientdet_reference import build_mmdet_efficientdet, mmdet_v1_detections
+from configs_util import CONFIG_DIR, load_config, photo_like
+from mmdet_efficientdet_reference import build_mmdet_efficientdet, mmcv_imrescale, mmdet_v1_detections
 from mmdet_spinenet_reference import build_mmdet_spinenet_retinanet
 from mmdet_spinenet_reference import trainable_parameter_count as torch_parameter_count
 from torch_reference import randomize_
@@ -117,7 +117,12 @@ def _assert_mmdet_detections(reference, config, variables, images, octave_base_s
         v64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), variables)
         found = jax.tree_util.tree_map(lambda x: np.asarray(x)[0], task.predict(v64, images.astype(np.float64)))
     valid = found["valid"]
-    ours = {k: v[valid] for k, v in found.items()}
+    return _assert_same_as_mmdet({k: v[valid] for k, v in found.items()}, boxes, scores, labels)
+
+
+def _assert_same_as_mmdet(ours: dict, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> dict:
+    """Our detections (boxes y1, x1, y2, x2) equal mmdet v1's ("+1" x1, y1, x2, y2; labels 0..79): same classes,
+    scores within 1e-4, boxes within 0.01 px."""
     assert 20 <= len(scores) == len(ours["scores"]) <= 100, (len(scores), len(ours["scores"]))
     if len(scores) == 100:  # the max_per_img cut: detections scored within 1e-4 of it may differ by near-ties
         cut = max(scores.min(), ours["scores"].min()) + 1e-4
@@ -133,6 +138,76 @@ def _assert_mmdet_detections(reference, config, variables, images, octave_base_s
     y1, x1, y2, x2 = (ours["boxes"][ours_order][:, i] for i in range(4))
     np.testing.assert_allclose(np.stack([x1, y1, x2 - 1, y2 - 1], -1), boxes[theirs_order], atol=0.01, rtol=0)
     return ours
+
+
+def _tempered(reference, variables, factor: float):
+    """Copies of both with the class predictor's last linear map scaled by ``factor`` (logits x factor). The
+    random-init logits reach 1e3 on a 128 x 256 input, which saturates all top scores at exactly 1.0 in float64,
+    where no order or score can be compared; both sides stay the same function, the comparison meaningful."""
+    reference = copy.deepcopy(reference)
+    theirs = [
+        n for n, _ in reference.named_parameters() if n.startswith("bbox_head.retina_cls.") and "depthwise" not in n
+    ]
+    with torch.no_grad():
+        for name in theirs:
+            reference.get_parameter(name).mul_(factor)
+    ours = []
+
+    def scale(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "['class_predict']" in name and "depthwise" not in name:
+            ours.append(name)
+            return leaf * factor
+        return leaf
+
+    params = jax.tree_util.tree_map_with_path(scale, variables["params"])
+    assert len(theirs) == len(ours) == 2, (theirs, ours)  # weight and bias on each side
+    return reference, {**variables, "params": params}
+
+
+def _assert_mmdet_photo_detections(reference, config, variables, octave_base_scale: float, image_size: int) -> None:
+    """The whole path on a 110 x 300 photo (issue 14 item 5): mmdet v1's test pipeline (Resize keep_ratio to
+    (S, S) with OpenCV, Normalize, Pad) and its get_bboxes(rescale=True) on the PyTorch rebuild, against
+    ``Detector.predict`` on the uint8 image with the converter's recorded ``model.test_resize``; float64 networks.
+    SpineNet at S = 256: 94 x 256, padded to 128 x 256 (size divisor 128, a non-square input); EfficientDet at
+    S = 128: 47 x 128, padded to the square."""
+    from scaledet_jax.detector import Detector
+
+    config = copy.deepcopy(config)
+    config.model.image_size = image_size
+    image = photo_like(110, 300, seed=14)
+    resized, factor = mmcv_imrescale(image, (image_size, image_size))
+    spec = config.model.input
+    normalised = (resized.astype(np.float64) - np.asarray(spec.mean)) / np.asarray(spec.std)
+    if config.model.test_resize.pad_square:
+        padded_hw = (image_size, image_size)
+    else:
+        padded_hw = tuple(-(-side // 128) * 128 for side in resized.shape[:2])
+        assert padded_hw == (128, 256)
+    padded = np.zeros((*padded_hw, 3))
+    padded[: resized.shape[0], : resized.shape[1]] = normalised
+    x = torch.from_numpy(padded[None]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        cls, _ = copy.deepcopy(reference).double().eval()(x)
+        # Logits of at most +-8 (see _tempered).
+        reference, variables = _tempered(reference, variables, 8.0 / max(float(c.abs().max()) for c in cls))
+        cls, box = reference.double().eval()(x)
+    boxes, scores, labels = (
+        x.numpy() for x in mmdet_v1_detections(cls, box, octave_base_scale, resized.shape[:2], scale_factor=factor)
+    )
+    with jax.enable_x64(True):
+        v64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), variables)
+        (found,) = Detector(config, v64, dtype=np.float64).predict(image)
+    ours = {"boxes": found["boxes"][:, [1, 0, 3, 2]], "scores": found["scores"], "classes": found["classes"]}
+    compared = _assert_same_as_mmdet(ours, boxes, scores, labels)
+    print(f"\nmmdet v1 test pipeline on a 110 x 300 photo @{image_size}: {len(compared['scores'])} detections equal")
+
+    config.model.test_resize.style = "letterbox"  # negative control: our training-time resize (TF bilinear)
+    with jax.enable_x64(True):
+        (found,) = Detector(config, v64, dtype=np.float64).predict(image)
+    wrong = {"boxes": found["boxes"][:, [1, 0, 3, 2]], "scores": found["scores"], "classes": found["classes"]}
+    with pytest.raises(AssertionError):
+        _assert_same_as_mmdet(wrong, boxes, scores, labels)
 
 
 def _convert_and_compare(layout: str, reference, config_name: str, tmp_path, expected_shared: int):
@@ -183,6 +258,9 @@ def test_mmdet_spinenet_converts_with_parity(variant, config_name, tmp_path):
     assert config.model.backbone.resample_pooling == "single" and config.model.activation == "relu"
     assert distances["ours32_exact"] <= 1.5 * distances["torch32_exact"]  # see the module docstring
     ours = _assert_mmdet_detections(reference, config, variables, images, octave_base_scale=3)
+    assert config.model.test_resize.style == "mmdet" and config.model.test_resize.size_divisor == 128
+    if variant == "49S":
+        _assert_mmdet_photo_detections(reference, config, variables, octave_base_scale=3, image_size=256)
 
     if variant == "49S":  # negative control: Model Garden's anchors and decoding move the boxes
         for option in ("plus_one_rounding",):
@@ -207,6 +285,8 @@ def test_mmdet_efficientdet_d0_converts_with_parity(tmp_path):
     assert config.model.pool_padding == "symmetric"
     assert distances["ours32_torch32"] <= TOLERANCE
     _assert_mmdet_detections(reference, config, variables, images, octave_base_scale=4)
+    assert config.model.test_resize.style == "mmdet" and config.model.test_resize.pad_square
+    _assert_mmdet_photo_detections(reference, config, variables, octave_base_scale=4, image_size=SIZE)
 
     config.model.pool_padding = "same"  # negative control: automl's 'SAME' pools
     wrong = _our_outputs(build_model(config.model), variables, images, float64=True)

@@ -237,3 +237,44 @@ def test_category_ids_map_training_targets_to_outputs():
 
         detection.generate_detections(jnp.zeros((1, 2, 4)), jnp.zeros((1, 2, 4)), jnp.zeros((2, 4)), 128,
                                       category_ids=(1, 2, 3, 4))  # fmt: skip
+
+
+def _two_boxes_as_detections(anchors, image_size, **options):
+    """Detections of two anchors decoded with zero deltas (boxes = anchors), both scored high in class 0."""
+    from scaledet_jax.ops import detection
+
+    batch = 1 if np.ndim(image_size) < 2 else len(image_size)
+    logits = jnp.asarray([[[5.0], [4.0]]] * batch)
+    return detection.generate_detections(
+        logits, jnp.zeros(logits.shape[:2] + (4,)), jnp.asarray(anchors, jnp.float32), image_size,
+        pre_nms_top_k=2, score_threshold=0.05, nms_iou_threshold=0.5, max_detections=2, background_slot=False,
+        log_size_clip="both", **options,
+    )  # fmt: skip
+
+
+def test_plus_one_nms_compares_boxes_in_original_pixels_with_nms_scales():
+    """mmdetection v1 divides its inclusive corners by the scale factor before NMS, and "+1" IoU is not scale
+    invariant: boxes 10 px wide 3.2 px apart overlap by IoU 0.515 in input pixels ((10 - 3.2) / (10 + 3.2)) but
+    0.486 after x / 0.25 (widths (10 - 1) / 0.25 + 1 = 37, shift 12.8: 24.2 / 49.8). At threshold 0.5 the second
+    box is suppressed in the input frame and kept in the original one."""
+    anchors = [[0.0, 0.0, 10.0, 10.0], [0.0, 3.2, 10.0, 13.2]]
+    input_frame = _two_boxes_as_detections(anchors, 100, clip="plus_one")
+    original_frame = _two_boxes_as_detections(anchors, 100, clip="plus_one", nms_scales=jnp.asarray([0.25]))
+    assert int(input_frame["valid"].sum()) == 1 and int(original_frame["valid"].sum()) == 2
+    # Returned boxes stay in input pixels either way.
+    np.testing.assert_allclose(np.asarray(original_frame["boxes"][0]), anchors, atol=1e-5)
+    # Plain boxes: IoU is scale invariant, nms_scales changes nothing.
+    plain = _two_boxes_as_detections(anchors, 100, nms_scales=jnp.asarray([0.25]))
+    assert int(plain["valid"].sum()) == 1
+
+
+def test_detections_clip_to_each_images_own_size():
+    """Per-image sizes [B, 2] (a keep-ratio resize's unpadded extents): each image's boxes clip to its own."""
+    anchors = [[10.0, 20.0, 90.0, 95.0], [0.0, 0.0, 5.0, 5.0]]
+    sizes = jnp.asarray([[50.0, 60.0], [100.0, 80.0]])
+    out = _two_boxes_as_detections(anchors, sizes)
+    np.testing.assert_allclose(np.asarray(out["boxes"][0, 0]), [10, 20, 50, 60], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out["boxes"][1, 0]), [10, 20, 90, 80], atol=1e-5)
+    plus_one = _two_boxes_as_detections(anchors, sizes, clip="plus_one")  # x1, y1 <= size - 1, x2, y2 <= size
+    np.testing.assert_allclose(np.asarray(plus_one["boxes"][0, 0]), [10, 20, 50, 60], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(plus_one["boxes"][1, 1]), [0, 0, 5, 5], atol=1e-5)

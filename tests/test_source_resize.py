@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import copy
 
-import cv2
 import numpy as np
 import pytest
 import torch
 from configs_util import load_config, photo_like
+from mmdet_efficientdet_reference import mmcv_imrescale
 
 from scaledet_jax.data import test_resize
 
@@ -97,20 +97,12 @@ def test_effdet_style_equals_transforms_coco_eval(height, width):
     np.testing.assert_allclose(ours.valid_hw, np.array([height, width]) / annotation["img_scale"], rtol=1e-12)
 
 
-def _mmcv_imrescale(image: np.ndarray, scale: tuple[int, int]) -> tuple[np.ndarray, float]:
-    """mmcv 0.x ``imrescale(img, (long, short), return_scale=True)`` (mmdetection v1.1's ``Resize``)."""
-    h, w = image.shape[:2]
-    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
-    new_size = int(w * float(factor) + 0.5), int(h * float(factor) + 0.5)
-    return cv2.resize(image, new_size, interpolation=cv2.INTER_LINEAR), factor
-
-
 @pytest.mark.parametrize("height,width,pad_square", [(110, 300, False), (300, 110, False), (97, 150, True)])
 def test_mmdet_style_equals_mmcv_rescale_normalize_pad(height, width, pad_square):
     image = photo_like(height, width, seed=7)
     config = _config("mmdet", image_size=256, min_size=128, max_size=256, size_divisor=128, pad_square=pad_square)
     ours = test_resize.resize_for_model(image, config)
-    resized, factor = _mmcv_imrescale(image, (256, 128))
+    resized, factor = mmcv_imrescale(image, (256, 128))
     spec = config.model.input
     normalised = (resized.astype(np.float32) - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     padded_h, padded_w = (256, 256) if pad_square else (-(-s // 128) * 128 for s in resized.shape[:2])
