@@ -121,6 +121,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Regular expressions over parameter paths ('backbone/stem_conv/kernel'): matching parameters are
     # not updated and not weight-decayed (e.g. torchvision's frozen stem + first stage).
     optim.frozen = ()
+    # Regular expressions over batch-norm paths ('backbone/stem_bn'): matching batch norms normalise with their
+    # running statistics in training too and never update them (mmdetection's norm_eval), for fine-tuning with
+    # small batches; add the same patterns to optim.frozen to hold their scale and offset as well.
+    optim.frozen_batch_stats = ()
 
     # ---- schedule of the run -----------------------------------------------------------------
     config.num_epochs = 500

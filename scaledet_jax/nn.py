@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -227,6 +228,34 @@ def conv(
     )
 
 
+_FROZEN_STATISTICS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("frozen_statistics", default=())
+
+
+@contextlib.contextmanager
+def frozen_statistics(patterns: Sequence[str]):
+    """While tracing inside it, batch norms whose module path ('backbone/stem_bn') matches one of ``patterns``
+    (regular expressions, searched) normalise with their running statistics in training too and leave them
+    unchanged: mmdetection's ``norm_eval``, for fine-tuning with batches too small for good statistics
+    (``optim.frozen_batch_stats``; their scale and offset still train unless ``optim.frozen`` holds them)."""
+    token = _FROZEN_STATISTICS.set(tuple(patterns))
+    try:
+        yield
+    finally:
+        _FROZEN_STATISTICS.reset(token)
+
+
+class BatchNorm(nn.BatchNorm):
+    """``flax.linen.BatchNorm`` that honours :func:`frozen_statistics`."""
+
+    def __call__(self, x: Array, use_running_average: bool | None = None, **kwargs) -> Array:
+        patterns = _FROZEN_STATISTICS.get()
+        if patterns and not use_running_average:
+            path = "/".join(str(part) for part in self.scope.path)
+            if any(re.search(pattern, path) for pattern in patterns):
+                use_running_average = True
+        return super().__call__(x, use_running_average=use_running_average, **kwargs)
+
+
 def batch_norm(
     momentum: float = 0.99,
     epsilon: float = 1e-3,
@@ -241,7 +270,7 @@ def batch_norm(
     (a residual branch's last norm: the block starts as the identity, Goyal et al. 2017).
     """
     scale_init = nn.initializers.zeros if zero_scale else nn.initializers.ones
-    return nn.BatchNorm(
+    return BatchNorm(
         momentum=momentum, epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, scale_init=scale_init, name=name
     )
 

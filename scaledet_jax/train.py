@@ -29,6 +29,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from scaledet_jax import nn as snn
 from scaledet_jax.cli import UserError
 from scaledet_jax.tasks import Task, build_task
 from scaledet_jax.tasks.retinanet import category_index_table, model_anchors  # noqa: F401 - public names kept here
@@ -154,6 +155,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     )
     number("optim.gradient_clip_norm", o.gradient_clip_norm, 0, " (0 = off)")
     need(_is_number(o.ema_decay) and 0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "in [0, 1) (0 = off)")
+    for key in ("frozen", "frozen_batch_stats"):
+        patterns = o.get(key, ())
+        if isinstance(patterns, str):
+            patterns = (patterns,)
+        need(isinstance(patterns, (tuple, list)), f"optim.{key}", patterns, "a tuple of regular expressions")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise UserError(f"optim.{key} has {pattern!r}, not a regular expression ({e})") from None
     integer("data.max_instances", d.max_instances, 1)
     integer("data.shuffle_buffer", d.shuffle_buffer, 1)
     need(config.get("eval_protocol", "coco") in ("coco", "voc"), "eval_protocol", config.get("eval_protocol"),
@@ -242,8 +253,10 @@ def init_state(config, task: Task, tx, rng) -> TrainState:
 
 
 def compute_losses(config, task: Task, params, batch_stats, batch, rng, train: bool = True):
-    """The task's losses of a global batch plus the L2 penalty; returns (total, (parts, new batch_stats))."""
-    parts, new_stats = task.losses({"params": params, "batch_stats": batch_stats}, batch, rng, train)
+    """The task's losses of a global batch plus the L2 penalty; returns (total, (parts, new batch_stats)).
+    Batch norms matching ``optim.frozen_batch_stats`` use (and keep) their running statistics in training."""
+    with snn.frozen_statistics(config.optim.get("frozen_batch_stats", ())):
+        parts, new_stats = task.losses({"params": params, "batch_stats": batch_stats}, batch, rng, train)
     parts = dict(parts)
     parts["l2_loss"] = l2_penalty(params, config.loss.l2_weight_decay, tuple(config.optim.get("frozen", ())))
     parts["total_loss"] = parts["model_loss"] + parts["l2_loss"]

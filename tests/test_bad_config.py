@@ -60,6 +60,8 @@ BAD_NUMBERS = [
     ("optim.decay_epochs", (10, -1), "optim.decay_epochs must be a tuple of epochs >= 0"),
     ("optim.ema_decay", 1.0, "optim.ema_decay must be in [0, 1) (0 = off), got 1.0"),
     ("data.max_instances", 0, "data.max_instances must be an integer >= 1, got 0"),
+    ("optim.frozen", ("^backbone/[",), "optim.frozen has '^backbone/[', not a regular expression"),
+    ("optim.frozen_batch_stats", ("stem_(bn",), "optim.frozen_batch_stats has 'stem_(bn', not a regular expression"),
 ]
 
 

@@ -137,6 +137,29 @@ def test_frozen_parameters_are_not_updated_nor_weight_decayed(tmp_path):
     assert partial == pytest.approx(full - 0.5 * 1e-2 * frozen_sq, rel=1e-5)
 
 
+def test_frozen_batch_stats_are_used_and_kept_in_training():
+    """optim.frozen_batch_stats (mmdetection's norm_eval): matching batch norms keep their running statistics
+    bit for bit through a train step; the others update them; their scale and offset still train."""
+    config = tiny_config(total_steps=2)
+    config.optim.frozen_batch_stats = ("^backbone/stem",)
+    task = build_task(config)
+    schedule = train.learning_rate_schedule(config, 10, 2)
+    tx = train.make_optimizer(config, schedule)
+    state = train.init_state(config, task, tx, jax.random.key(0))
+    before, params_before = jax.device_get(state.batch_stats), jax.device_get(state.params)
+    _, _, batch, _ = _batch_for(config)
+    step = jax.jit(lambda s, b: train.train_step(config, task, tx, schedule, jax.random.key(1), s, b))
+    state, _ = step(state, batch)
+    after, params_after = jax.device_get(state.batch_stats), jax.device_get(state.params)
+    stem = [name for name in before["backbone"] if name.startswith("stem")]
+    rest = [name for name in before["backbone"] if not name.startswith("stem")]
+    assert stem and rest
+    assert all(_leaves_diff(before["backbone"][n], after["backbone"][n]) == 0.0 for n in stem)
+    assert all(_leaves_diff(before["backbone"][n], after["backbone"][n]) > 0 for n in rest)
+    stem_bn_before, stem_bn_after = params_before["backbone"]["stem"]["bn"], params_after["backbone"]["stem"]["bn"]
+    assert _leaves_diff(stem_bn_before, stem_bn_after) > 0
+
+
 def _batch_for(config):
     rng = np.random.RandomState(1)
     size, n, b = config.model.image_size, 4, config.data.train_batch_size

@@ -228,3 +228,41 @@ def test_depthwise_gradients_match_pytorch_autograd():
         torch.sin(F.conv2d(xt, kt, stride=stride, padding=kernel_size // 2, groups=5)).sum().backward()
         np.testing.assert_allclose(grads["params"]["kernel"], kt.grad.numpy().transpose(2, 3, 1, 0), atol=1e-4)
         np.testing.assert_allclose(dx, xt.grad.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+
+
+def test_frozen_statistics_normalise_with_and_keep_running_statistics():
+    """Inside ``frozen_statistics(patterns)`` a matching batch norm in training mode is its inference self (the
+    running statistics normalise, none update); the others train as usual; outside, nothing changes."""
+    import flax.linen as nn
+
+    class TwoNorms(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            x = snn.batch_norm(0.9, 1e-3, name="first_bn")(x, use_running_average=not train)
+            return snn.batch_norm(0.9, 1e-3, name="second_bn")(2.0 * x + 1.0, use_running_average=not train)
+
+    model = TwoNorms()
+    x = jnp.asarray(np.random.RandomState(0).normal(2.0, 3.0, (4, 5, 5, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), x, False)
+    variables = {  # running statistics unlike the batch's, so that using them shows
+        "params": variables["params"],
+        "batch_stats": jax.tree_util.tree_map(lambda v: v + 0.5, variables["batch_stats"]),
+    }
+    plain, plain_stats = model.apply(variables, x, True, mutable=["batch_stats"])
+    with snn.frozen_statistics(["^first_"]):
+        partly, partly_stats = model.apply(variables, x, True, mutable=["batch_stats"])
+    with snn.frozen_statistics(["."]):
+        frozen, frozen_stats = model.apply(variables, x, True, mutable=["batch_stats"])
+    inference = model.apply(variables, x, False)
+
+    def same(a, b) -> bool:
+        return all(bool(jnp.array_equal(u, v)) for u, v in zip(*map(jax.tree_util.tree_leaves, (a, b)), strict=True))
+
+    assert same(partly_stats["batch_stats"]["first_bn"], variables["batch_stats"]["first_bn"])
+    assert not same(partly_stats["batch_stats"]["second_bn"], variables["batch_stats"]["second_bn"])
+    assert same(frozen_stats["batch_stats"], variables["batch_stats"])
+    np.testing.assert_array_equal(np.asarray(frozen), np.asarray(inference))
+    assert float(jnp.abs(plain - inference).max()) > 0.1  # training mode normalises with the batch's
+    with snn.frozen_statistics(["^nothing"]):
+        unchanged = model.apply(variables, x, True, mutable=["batch_stats"])[0]
+    np.testing.assert_array_equal(np.asarray(unchanged), np.asarray(plain))
