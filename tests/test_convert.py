@@ -154,12 +154,23 @@ def test_converted_effdet_gives_detbenchpredicts_detections(small_effdet, tmp_pa
         v64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), variables)
         (ours,) = Detector(config, v64, dtype=np.float64).predict(image)
     assert len(ours["scores"]) == len(theirs) == 100
-    ours = np.concatenate([ours["boxes"], ours["scores"][:, None], ours["classes"][:, None]], axis=1)
-    ours, theirs = (d[np.lexsort((-d[:, 4], d[:, 5]))] for d in (ours, theirs))
-    print(f"\neffdet on a 97 x 150 photo: max box diff {np.max(np.abs(ours[:, :4] - theirs[:, :4])):.1e} px")
-    np.testing.assert_array_equal(ours[:, 5], theirs[:, 5])
-    np.testing.assert_allclose(ours[:, 4], theirs[:, 4], atol=1e-4, rtol=0)
-    np.testing.assert_allclose(ours[:, :4], theirs[:, :4], atol=0.01, rtol=0)
+    theirs = theirs[np.lexsort((-theirs[:, 4], theirs[:, 5]))]
+
+    def compare_found(found: dict) -> None:
+        ours = np.concatenate([found["boxes"], found["scores"][:, None], found["classes"][:, None]], axis=1)
+        ours = ours[np.lexsort((-ours[:, 4], ours[:, 5]))]
+        print(f"\neffdet on a 97 x 150 photo: max box diff {np.max(np.abs(ours[:, :4] - theirs[:, :4])):.1e} px")
+        np.testing.assert_array_equal(ours[:, 5], theirs[:, 5])
+        np.testing.assert_allclose(ours[:, 4], theirs[:, 4], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(ours[:, :4], theirs[:, :4], atol=0.01, rtol=0)
+
+    compare_found(ours)
+    config.model.test_resize.style = "letterbox"  # negative control: TF bilinear, zero padding
+    with jax.enable_x64(True):
+        (letterboxed,) = Detector(config, v64, dtype=np.float64).predict(image)
+    with pytest.raises(AssertionError):
+        compare_found(letterboxed)
+    config.model.test_resize.style = "effdet"
 
     config.model.anchor.aspect_multipliers = ()  # negative control: sqrt(2) anchors move the 2:1 boxes
     with pytest.raises(AssertionError):
