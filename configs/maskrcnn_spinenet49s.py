@@ -17,8 +17,9 @@ x0.1 at epochs 320 and 340 of 350, weight decay 4e-5, scale jitter 0.5-2.0, flip
 Convert:   python -m scaledet_jax.convert --from=mmdet-spinenet --config=configs/maskrcnn_spinenet49s.py \
                --input=mask_rcnn_spinenet_49S.pth --output=converted/maskrcnn_spinenet49s
 The converter sets the seed's backbone semantics (symmetric padding, ...), its 81 classes and COCO
-ids; the seed's mmdetection-v1 anchors and box decoding ((stride - 1) / 2 centres, rounding, "+1"
-widths) are not reproduced yet, so decoded boxes differ by up to ~1 px from mmdetection's.
+ids, and its mmdetection-v1 test path: "+1" anchors ((stride - 1) / 2 centres, rounding), proposals and
+boxes, NMS on rescaled boxes, get_seg_masks pasting and the keep-ratio OpenCV test-time resize, so that
+``Detector.predict`` gives mmdetection's detections and masks (tests/test_convert_mmdet_maskrcnn.py).
 """
 
 from scaledet_jax import defaults

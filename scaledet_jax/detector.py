@@ -258,7 +258,11 @@ class Detector:
             "names": [self.categories.get(int(c), str(int(c))) for c in classes],
         }
         if "masks" in found:
-            result["masks"] = mask_ops.paste_masks(found["masks"][i][keep][order], boxes_yx, height, width)
+            probabilities = found["masks"][i][keep][order]
+            if self.config.model.detection.get("mask_paste", "torchvision") == "mmdet":
+                result["masks"] = mask_ops.paste_masks_mmdet(probabilities, boxes_yx, height, width)
+            else:
+                result["masks"] = mask_ops.paste_masks(probabilities, boxes_yx, height, width)
         return result
 
 

@@ -15,11 +15,13 @@ import json
 import subprocess
 import sys
 
+import cv2
 import jax
 import numpy as np
 import pytest
 import torch
-from configs_util import CONFIG_DIR, load_config
+import torch.nn.functional as F
+from configs_util import CONFIG_DIR, load_config, photo_like
 from mmdet_spinenet_reference import build_mmdet_maskrcnn_spinenet
 from test_convert_mmdet import _load
 from test_mmdet_maskrcnn_reference import _randomize_
@@ -106,12 +108,127 @@ def test_parity_features_rpn_box_and_mask_heads(converted):
 
     with jax.enable_x64(True):
         v64 = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), converted["variables"])
-        ours = jax.tree_util.tree_map(np.asarray, jax.jit(forward)(v64, images, rois[None]))
+        # Our "+1" boxes have exclusive corners (roi.plus_one): mmdetection's inclusive x2, y2 plus 1.
+        exclusive = rois + np.array([0.0, 0.0, 1.0, 1.0])
+        ours = jax.tree_util.tree_map(np.asarray, jax.jit(forward)(v64, images, exclusive[None]))
     diffs = {k: float(np.max(np.abs(ours[k] - theirs[k]))) for k in theirs}
     print(f"\nseed Mask R-CNN 49S @{SIZE} float64: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
     assert all(ours[k].dtype == np.float64 for k in theirs)
     assert max(diffs.values()) <= FLOAT64_TOLERANCE, diffs
     assert np.max(np.abs(theirs["mask_logits"])) > 0.1  # a non-trivial comparison
+
+
+# mmdetection v1.1's Mask R-CNN test path (MaskRCNN.simple_test with rescale=True and the seed's test_cfg), rebuilt
+# from its source on the PyTorch rebuild's pieces: RPNHead.get_bboxes_single, bbox2roi + SingleRoIExtractor,
+# BBoxHead.get_det_bboxes + multiclass_nms, FCNMaskHead.get_seg_masks.
+MMDET_BOX_STDS = torch.tensor([0.1, 0.1, 0.2, 0.2], dtype=torch.float64)
+
+
+def _mmdet_v1_mask_rcnn_test(reference, x: torch.Tensor, img_shape, scale_factor: float, ori_shape):
+    """(det_bboxes [K, 4] inclusive x1, y1, x2, y2 in original pixels, scores [K], labels [K] 0..79, masks
+    [K, H, W] bool) of one image."""
+    from mmdet_efficientdet_reference import mmdet_anchors, mmdet_v1_delta2bbox, mmdet_v1_nms
+    from mmdet_spinenet_reference import ANCHOR_STRIDES, BBOX_ROI_SIZE, MASK_ROI_SIZE
+
+    feats = reference.features(x)
+    rpn_cls, rpn_reg = reference.rpn(feats)
+    proposals, proposal_scores = [], []
+    for cls, reg, stride in zip(rpn_cls, rpn_reg, ANCHOR_STRIDES, strict=True):  # test_cfg.rpn
+        anchors = mmdet_anchors(tuple(cls.shape[-2:]), stride, octave_base_scale=3, scales_per_octave=1).double()
+        scores = cls[0].permute(1, 2, 0).reshape(-1).sigmoid()
+        deltas = reg[0].permute(1, 2, 0).reshape(-1, 4)
+        if scores.shape[0] > 1000:  # nms_pre
+            scores, top = scores.topk(1000)
+            anchors, deltas = anchors[top], deltas[top]
+        boxes = mmdet_v1_delta2bbox(anchors, deltas, img_shape)  # min_bbox_size 0: no filter
+        keep = mmdet_v1_nms(boxes, scores, 0.7)[:1000]  # nms_thr, nms_post
+        proposals.append(boxes[keep])
+        proposal_scores.append(scores[keep])
+    proposals, proposal_scores = torch.cat(proposals), torch.cat(proposal_scores)
+    proposals = proposals[proposal_scores.topk(min(1000, len(proposal_scores)))[1]]  # max_num
+
+    rois = torch.cat([proposals.new_zeros(len(proposals), 1), proposals], 1)
+    cls_score, bbox_pred = reference.bbox_head(reference.roi_features(feats, rois, BBOX_ROI_SIZE))
+    scores = F.softmax(cls_score, dim=1)
+    deltas = bbox_pred.reshape(len(rois), -1, 4) * MMDET_BOX_STDS
+    boxes = torch.stack([mmdet_v1_delta2bbox(proposals, deltas[:, c], img_shape) for c in range(scores.shape[1])], 1)
+    boxes = boxes / scale_factor  # rescale
+    kept_boxes, kept_scores, labels = [], [], []
+    for c in range(1, scores.shape[1]):  # multiclass_nms: score_thr 0.05, nms 0.5
+        chosen = scores[:, c] > 0.05
+        if chosen.any():
+            keep = mmdet_v1_nms(boxes[chosen, c], scores[chosen, c], 0.5)
+            kept_boxes.append(boxes[chosen, c][keep])
+            kept_scores.append(scores[chosen, c][keep])
+            labels.append(torch.full((len(keep),), c - 1, dtype=torch.long))
+    det_boxes, det_scores, det_labels = torch.cat(kept_boxes), torch.cat(kept_scores), torch.cat(labels)
+    if len(det_scores) > 100:  # max_per_img
+        top = det_scores.argsort(descending=True)[:100]
+        det_boxes, det_scores, det_labels = det_boxes[top], det_scores[top], det_labels[top]
+
+    scaled = det_boxes * scale_factor  # simple_test_mask: the mask RoIs in input pixels
+    mask_rois = torch.cat([scaled.new_zeros(len(scaled), 1), scaled], 1)
+    mask_pred = reference.mask_head(reference.roi_features(feats, mask_rois, MASK_ROI_SIZE)).sigmoid().numpy()
+    height, width = ori_shape
+    masks = np.zeros((len(det_boxes), height, width), bool)
+    for i, box in enumerate(scaled.numpy()):  # get_seg_masks (rescale=True)
+        x1, y1, x2, y2 = (box / scale_factor).astype(np.int32)
+        w, h = max(x2 - x1 + 1, 1), max(y2 - y1 + 1, 1)
+        probability = mask_pred[i, det_labels[i] + 1]
+        masks[i, y1 : y1 + h, x1 : x1 + w] = cv2.resize(probability, (int(w), int(h))) > 0.5
+    return det_boxes.numpy(), det_scores.numpy(), det_labels.numpy(), masks
+
+
+def test_detector_gives_the_seeds_mmdetection_detections_and_masks_on_a_photo(converted):
+    """Issue 14 item 5 for the seed's Mask R-CNN: mmdetection v1's whole test path (keep-ratio OpenCV resize to
+    (S, S), Normalize, Pad to 128; "+1" anchors, proposals and boxes; NMS on rescaled boxes; get_seg_masks) on a
+    110 x 300 photo at S = 256 (input 128 x 256, not square), against ``Detector.predict`` on the uint8 photo
+    with the converter's recorded options; float64 networks. Same classes, scores within 1e-4, boxes within
+    0.01 px, and the pasted masks."""
+    from mmdet_efficientdet_reference import mmcv_imrescale
+
+    from scaledet_jax.detector import Detector
+
+    config = copy.deepcopy(converted["config"])
+    config.model.image_size = 256
+    assert config.model.test_resize.style == "mmdet" and config.model.detection.mask_paste == "mmdet"
+    image = photo_like(110, 300, seed=15)
+    resized, factor = mmcv_imrescale(image, (256, 256))
+    spec = config.model.input
+    padded = np.zeros((128, 256, 3))
+    padded[: resized.shape[0], : resized.shape[1]] = (resized - np.asarray(spec.mean)) / np.asarray(spec.std)
+    reference = copy.deepcopy(converted["reference"]).double().eval()
+    with torch.no_grad():
+        boxes, scores, labels, masks = _mmdet_v1_mask_rcnn_test(
+            reference, torch.from_numpy(padded[None]).permute(0, 3, 1, 2), resized.shape[:2], factor, image.shape[:2]
+        )
+    assert len(scores) >= 10 and len(set(labels.tolist())) > 1  # a non-trivial comparison
+    # Paired by class, score, then corner: random-init scores tie to ~1e-12 within a class.
+    exclusive = boxes + np.array([0.0, 0.0, 1.0, 1.0])  # mmdetection's inclusive corners + 1
+    theirs_order = np.lexsort((exclusive[:, 1].round(3), exclusive[:, 0].round(3), -scores.round(8), labels))
+    v64 = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), converted["variables"])
+
+    def compare(config) -> None:
+        with jax.enable_x64(True):
+            (ours,) = Detector(config, v64, dtype=np.float64).predict(image)
+        print(f"\nseed Mask R-CNN, mmdet v1 test path on a 110 x 300 photo: {len(scores)} detections (mmdet), "
+              f"{len(ours['scores'])} (ours)")  # fmt: skip
+        assert len(ours["scores"]) == len(scores)
+        ours_order = np.lexsort(
+            (ours["boxes"][:, 1].round(3), ours["boxes"][:, 0].round(3), -ours["scores"].round(8), ours["classes"])
+        )
+        categories = np.asarray(COCO_80_CATEGORY_IDS)[labels][theirs_order]
+        np.testing.assert_array_equal(ours["classes"][ours_order], categories)
+        np.testing.assert_allclose(ours["scores"][ours_order], scores[theirs_order], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(ours["boxes"][ours_order], exclusive[theirs_order], atol=0.01, rtol=0)
+        differing = int(np.sum(ours["masks"][ours_order] != masks[theirs_order]))
+        print(f"pasted masks: {differing} of {masks.size} pixels differ; {int(masks.sum())} set")
+        assert masks.sum() > 100 and differing == 0
+
+    compare(config)
+    config.model.anchor.plus_one_rounding = False  # negative control: Model Garden's anchors for the RPN
+    with pytest.raises(AssertionError):
+        compare(config)
 
 
 def test_converted_checkpoint_evaluates_and_finetunes_through_main(converted, tmp_path):

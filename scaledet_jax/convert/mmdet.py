@@ -180,6 +180,26 @@ MASK_RCNN_OPTIONS = {
     "mask_head.class_agnostic": False,
     "mask_head.roi_output_size": 14,
     "mask_head.sampling_ratio": 2,
+    # mmdetection v1's two-stage test path (the seed's test_cfg): "+1" anchors and boxes throughout; RPN top 1000
+    # per level, NMS 0.7 per level, 1000 proposals, no size filter; boxes decoded with the log-size clip on both
+    # sides and clipped to [0, size - 1]; per-class NMS 0.5 on the boxes divided by the scale factor, score > 0.05,
+    # 100 detections; masks pasted as get_seg_masks does; its keep-ratio OpenCV test-time resize.
+    "anchor.plus_one_rounding": True,
+    "rpn.clip": "plus_one",
+    "rpn.log_size_clip": "both",
+    "rpn.min_size": 0.0,
+    "rpn.pre_nms_top_k": 1000,
+    "rpn.post_nms_top_k": 1000,
+    "rpn.nms_iou": 0.7,
+    "roi.plus_one": True,
+    "detection.clip": "plus_one",
+    "detection.log_size_clip": "both",
+    "detection.min_size": 0.0,
+    "detection.score_threshold": 0.05,
+    "detection.nms_iou_threshold": 0.5,
+    "detection.max_detections": 100,
+    "detection.mask_paste": "mmdet",
+    "test_resize.style": "mmdet",
 }
 
 

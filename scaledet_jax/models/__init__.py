@@ -249,6 +249,7 @@ def _two_stage_parts(model_config: ml_collections.ConfigDict) -> dict:
         center_offset=a.get("center_offset", 0.5),
         round_base=a.get("round_base", False),
         integer_stride=a.get("integer_stride", False),
+        plus_one_rounding=a.get("plus_one_rounding", False),
     )
     padding = m.get("conv_padding", "same")
     norm = dict(bn_momentum=m.norm.momentum, bn_epsilon=m.norm.epsilon)
@@ -293,6 +294,8 @@ def _two_stage_parts(model_config: ml_collections.ConfigDict) -> dict:
             nms_iou=rpn.nms_iou,
             min_size=rpn.min_size,
             score_threshold=rpn.get("score_threshold", 0.0),
+            clip=rpn.get("clip", "image"),
+            log_size_clip=rpn.get("log_size_clip", "max"),
         ),
         roi=frcnn.RoISettings(
             min_level=roi.min_level,
@@ -303,6 +306,7 @@ def _two_stage_parts(model_config: ml_collections.ConfigDict) -> dict:
             canonical_size=roi.canonical_size,
             canonical_level=roi.canonical_level,
             style=roi.get("style", "torchvision"),
+            plus_one=roi.get("plus_one", False),
             num_samples=roi.num_samples,
             foreground_fraction=roi.foreground_fraction,
             foreground_iou=roi.foreground_iou,

@@ -15,6 +15,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from scaledet_jax.ops import anchors as anchor_ops
@@ -31,6 +32,8 @@ class AnchorSettings:
     center_offset: float = 0.0  # fraction of the stride (torchvision 0, Model Garden 0.5)
     round_base: bool = True  # torchvision rounds its base anchors to integers
     integer_stride: bool = True  # torchvision's stride is image_size // grid_size
+    # mmdetection v1's AnchorGenerator ("+1" corners rounded around (stride - 1) / 2; ops.anchors.level_anchors)
+    plus_one_rounding: bool = False
 
     @property
     def num_anchors(self) -> int:
@@ -46,6 +49,8 @@ class ProposalSettings:
     nms_iou: float = 0.7
     min_size: float = 1e-3
     score_threshold: float = 0.0
+    clip: str = "image"  # 'plus_one': mmdetection v1 (two_stage.generate_proposals)
+    log_size_clip: str = "max"  # 'both': mmdetection v1's delta2bbox
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +65,9 @@ class RoISettings:
     # or 'model_garden' (its crop_and_resize: level rule, 1 sample per bin, borders), 'mmdet', 'maskrcnn_benchmark',
     # 'jwyang_avg' (DetNet_pytorch's RoIAlignAvg: (P + 1)^2 grid + 2x2 average, spatial scale H_l / image_size)
     style: str = "torchvision"
+    # Boxes here are mmdetection v1 "+1" boxes with exclusive corners (x2 = its inclusive x2 + 1): its RoIAlign
+    # ('mmdet' style) reads the inclusive corners, so 1 is taken off y2, x2 first.
+    plus_one: bool = False
     # RoI sampling in training
     num_samples: int = 512
     foreground_fraction: float = 0.25
@@ -89,6 +97,7 @@ def rpn_anchors(
             center_offset=a.center_offset,
             round_base=a.round_base,
             integer_stride=a.integer_stride,
+            plus_one_rounding=a.plus_one_rounding,
             stride=None if strides is None else strides[level],
         )
         for level in range(min_level, max_level + 1)
@@ -161,6 +170,8 @@ class FasterRCNN(nn.Module):
             nms_iou=p.nms_iou,
             min_size=p.min_size,
             score_threshold=p.score_threshold,
+            clip=p.clip,
+            log_size_clip=p.log_size_clip,
         )
 
     def pool(self, features: dict[int, Array], rois: Array, output_size: int, sampling_ratio: int) -> Array:
@@ -176,6 +187,8 @@ class FasterRCNN(nn.Module):
         scales = None
         if r.style == "jwyang_avg":  # the seed's spatial scale: map height / (padded) input height
             scales = {k: features[k].shape[1] / self.image_size for k in levels}
+        if r.plus_one:
+            rois = rois - jnp.asarray([0.0, 0.0, 1.0, 1.0], rois.dtype)
         return roi_align.multilevel_roi_align(
             {k: features[k] for k in levels},
             rois,

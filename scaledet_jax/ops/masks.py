@@ -268,3 +268,28 @@ def encode_masks(binary: np.ndarray) -> list[dict]:
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
     return rles
+
+
+def paste_masks_mmdet(probabilities: np.ndarray, boxes: np.ndarray, height: int, width: int, threshold: float = 0.5):
+    """mmdetection v1's ``FCNMaskHead.get_seg_masks`` (``rescale=True``): bool ``[N, height, width]``.
+
+    ``boxes`` [N, 4] (y1, x1, y2, x2) in original pixels, "+1" boxes with exclusive corners (mmdetection's
+    inclusive ``x2`` is ``x2 - 1`` here). Each box is truncated to integers (``astype(np.int32)``), its
+    probabilities resized with OpenCV bilinear (``mmcv.imresize``) to ``(x2 - x1 + 1) x (y2 - y1 + 1)`` (at
+    least 1) pixels, thresholded (> ``threshold``) and placed at the box's corner; what falls outside the image
+    is dropped.
+    """
+    import cv2
+
+    out = np.zeros((len(probabilities), height, width), bool)
+    for i, (probability, box) in enumerate(zip(np.asarray(probabilities), np.asarray(boxes, np.float64), strict=True)):
+        y1, x1, y2, x2 = (box - np.array([0.0, 0.0, 1.0, 1.0])).astype(np.int32)
+        w, h = max(x2 - x1 + 1, 1), max(y2 - y1 + 1, 1)
+        mask = (
+            cv2.resize(np.ascontiguousarray(probability), (int(w), int(h)), interpolation=cv2.INTER_LINEAR) > threshold
+        )
+        top, left = max(y1, 0), max(x1, 0)
+        bottom, right = min(y1 + h, height), min(x1 + w, width)
+        if bottom > top and right > left:
+            out[i, top:bottom, left:right] = mask[top - y1 : bottom - y1, left - x1 : right - x1]
+    return out

@@ -149,9 +149,18 @@ def _image_hw(image_size, batch: int, dtype=jnp.float32) -> Array:
     return jnp.broadcast_to(jnp.asarray(image_size, dtype), (batch, 2))
 
 
-def _clip(boxes: Array, hw: Array) -> Array:
-    """Clips [..., 4] boxes to [0, h] x [0, w] (torchvision ``clip_boxes_to_image``)."""
+CLIPS = ("image", "plus_one")
+
+
+def _clip(boxes: Array, hw: Array, style: str = "image") -> Array:
+    """Clips [..., 4] boxes to [0, h] x [0, w] (torchvision ``clip_boxes_to_image``); ``plus_one``: mmdetection
+    v1's "+1" boxes, whose inclusive corners clip to [0, size - 1] (here y1, x1 in [0, size - 1], y2, x2 in
+    [1, size])."""
+    if style not in CLIPS:
+        raise ValueError(f"clip must be one of {CLIPS}, got {style!r}")
     limit = jnp.stack([hw[0], hw[1], hw[0], hw[1]])
+    if style == "plus_one":
+        return jnp.clip(boxes, jnp.array([0.0, 0.0, 1.0, 1.0], boxes.dtype), limit - jnp.array([1.0, 1.0, 0.0, 0.0]))
     return jnp.clip(boxes, 0.0, limit)
 
 
@@ -173,6 +182,8 @@ def generate_proposals(
     score_threshold: float = 0.0,
     box_weights: Sequence[float] | None = None,
     per_level_nms: bool = True,
+    clip: str = "image",
+    log_size_clip: str = "max",
 ) -> tuple[Array, Array, Array]:
     """RPN outputs -> proposals of a batch (torchvision ``RegionProposalNetwork.filter_proposals``).
 
@@ -182,7 +193,9 @@ def generate_proposals(
     changes clipped at log(1000/16)); boxes are clipped to the image; boxes with a side <
     ``min_size`` or sigmoid score < ``score_threshold`` are masked out; NMS (IoU > ``nms_iou``
     suppresses) runs per level (``per_level_nms``, torchvision and Model Garden) or across levels;
-    the ``post_nms_top_k`` best survivors are returned in descending score order.
+    the ``post_nms_top_k`` best survivors are returned in descending score order. mmdetection v1's RPN
+    (``get_bboxes_single``: top ``nms_pre`` per level, NMS per level, ``nms_post`` = ``max_num``): ``clip``
+    ``plus_one``, ``log_size_clip`` ``both`` (``box_coder.decode_boxes``), ``min_size`` 0.
 
     Returns (proposals [B, post_nms_top_k, 4], scores [B, post_nms_top_k] sigmoid probabilities,
     valid [B, post_nms_top_k]); padded slots are zeros with valid=False. Batched (vmaps itself).
@@ -198,10 +211,10 @@ def generate_proposals(
             logit = _real(logit.reshape(-1))
             top, index = jax.lax.top_k(logit, min(pre_nms_top_k, logit.shape[0]))
             codes = _real(delta.reshape(-1, 4)[index])
-            boxes.append(box_coder.decode_boxes(codes, anchor[index], box_weights))
+            boxes.append(box_coder.decode_boxes(codes, anchor[index], box_weights, log_size_clip=log_size_clip))
             logits.append(top)
             level_ids.append(jnp.full(top.shape, i, jnp.int32))
-        boxes = _clip(jnp.concatenate(boxes), hw)
+        boxes = _clip(jnp.concatenate(boxes), hw, clip)
         scores = jax.nn.sigmoid(jnp.concatenate(logits))
         ok = _big_enough(boxes, min_size) & (scores >= score_threshold)
         masked = jnp.where(ok, scores, -jnp.inf)
@@ -308,6 +321,9 @@ def fast_rcnn_detections(
     min_size: float = 1e-2,
     pre_nms_top_k: int = 5000,
     background_slot: bool = True,
+    clip: str = "image",
+    log_size_clip: str = "max",
+    nms_scales: Array | None = None,
 ) -> dict[str, Array]:
     """Box-head outputs -> detections of a batch (torchvision ``RoIHeads.postprocess_detections``).
 
@@ -321,22 +337,32 @@ def fast_rcnn_detections(
     ``max_detections`` best survivors are returned in descending score order. Identical to
     torchvision whenever at most ``pre_nms_top_k`` candidates pass the filters.
 
+    mmdetection v1 (``BBoxHead.get_det_bboxes`` + ``multiclass_nms``): ``clip`` ``plus_one``,
+    ``log_size_clip`` ``both``, ``min_size`` 0, and ``nms_scales`` [B] (input pixels per original pixel): NMS
+    compares the "+1" boxes as mmdetection does after dividing them by its scale factor (``rescale``); the
+    returned boxes stay in input pixels.
+
     Returns boxes [B, max_detections, 4], scores, classes (int32), valid; padded slots are zeros /
     False. Batched (vmaps itself).
     """
     batch, _, num_classes = class_logits.shape
     first = 1 if background_slot else 0
 
-    def one_image(logits, deltas, boxes_in, box_ok, hw):
+    def one_image(logits, deltas, boxes_in, box_ok, hw, scale):
         probs = jax.nn.softmax(_real(logits), axis=-1)[:, first:]
         codes = _per_class_deltas(_real(deltas), num_classes)[:, first:]
-        boxes = _clip(box_coder.decode_boxes(codes, boxes_in.astype(codes.dtype)[:, None, :], box_weights), hw)
+        anchors = boxes_in.astype(codes.dtype)[:, None, :]
+        boxes = _clip(box_coder.decode_boxes(codes, anchors, box_weights, log_size_clip=log_size_clip), hw, clip)
         classes = jnp.broadcast_to(jnp.arange(first, num_classes, dtype=jnp.int32) + (1 - first), probs.shape)
         ok = (probs > score_threshold) & _big_enough(boxes, min_size) & box_ok.astype(bool)[:, None]
         masked = jnp.where(ok, probs, -jnp.inf).reshape(-1)
         top, index = jax.lax.top_k(masked, min(pre_nms_top_k, masked.shape[0]))
         boxes, classes = boxes.reshape(-1, 4)[index], classes.reshape(-1)[index]
-        keep, valid = nms.batched_nms(boxes, top, classes, nms_iou, max_detections)
+        compared = boxes
+        if nms_scales is not None and clip == "plus_one":  # mmdetection's inclusive corners / its scale factor
+            inclusive = jnp.array([0.0, 0.0, 1.0, 1.0], boxes.dtype)
+            compared = (boxes - inclusive) / scale + inclusive
+        keep, valid = nms.batched_nms(compared, top, classes, nms_iou, max_detections)
         return {
             "boxes": jnp.where(valid[:, None], boxes[keep], 0.0),
             "scores": jnp.where(valid, top[keep], 0.0),
@@ -344,8 +370,10 @@ def fast_rcnn_detections(
             "valid": valid,
         }
 
-    hw = _image_hw(image_size, batch, jnp.promote_types(box_deltas.dtype, jnp.float32))
-    return jax.vmap(one_image)(class_logits, box_deltas, rois, roi_valid, hw)
+    dtype = jnp.promote_types(box_deltas.dtype, jnp.float32)
+    hw = _image_hw(image_size, batch, dtype)
+    scales = jnp.ones((batch,), dtype) if nms_scales is None else jnp.asarray(nms_scales, dtype)
+    return jax.vmap(one_image)(class_logits, box_deltas, rois, roi_valid, hw, scales)
 
 
 def smooth_l1(diff: Array, beta: float) -> Array:

@@ -115,12 +115,13 @@ class FasterRCNNTask:
         parts["num_foreground_rois"] = jnp.sum(samples["foreground"] & samples["valid"]).astype(jnp.float32)
         return parts, new_stats, outputs
 
-    def predict(self, variables, images, image_sizes=None):
+    def predict(self, variables, images, image_sizes=None, nms_scales=None):
         """Detections (boxes in input pixels); ``image_sizes`` [B, 2]: each image's unpadded (height, width),
-        which proposals and detections are clipped to (default the whole input)."""
+        which proposals and detections are clipped to (default the whole input); ``nms_scales`` [B]: see
+        ``ops.two_stage.fast_rcnn_detections``."""
         outputs = self.model.apply(variables, images, train=False, image_sizes=image_sizes)
         clip_to = tuple(images.shape[1:3]) if image_sizes is None else image_sizes
-        return self.to_category_ids(self.detections(outputs, clip_to))
+        return self.to_category_ids(self.detections(outputs, clip_to, nms_scales))
 
     def ground_truth(self, batch: dict[str, Array]) -> dict[str, Array]:
         """The batch's objects with classes as output indices: with ``model.category_ids`` (a converted
@@ -144,7 +145,7 @@ class FasterRCNNTask:
             detections = {**detections, "classes": jnp.where(detections["valid"], lookup[detections["classes"]], 0)}
         return detections
 
-    def detections(self, outputs: dict[str, Any], clip_to=None) -> dict[str, Array]:
+    def detections(self, outputs: dict[str, Any], clip_to=None, nms_scales=None) -> dict[str, Array]:
         """The box head's inference outputs -> fixed-shape detections (boxes in input pixels), clipped to
         ``clip_to``: (H, W) or per image [B, 2] (default the square ``image_size``)."""
         m = self.config.model
@@ -161,4 +162,7 @@ class FasterRCNNTask:
             max_detections=d.max_detections,
             min_size=d.get("min_size", 1e-2),
             pre_nms_top_k=d.pre_nms_top_k,
+            clip=d.get("clip", "image"),
+            log_size_clip=d.get("log_size_clip", "max"),
+            nms_scales=nms_scales,
         )

@@ -39,9 +39,10 @@ class MaskRCNNTask(FasterRCNNTask):
         parts["model_loss"] = parts["model_loss"] + c.get("mask_weight", 1.0) * parts["mask_loss"]
         return parts, new_stats
 
-    def predict(self, variables, images, image_sizes=None) -> dict[str, Array]:
+    def predict(self, variables, images, image_sizes=None, nms_scales=None) -> dict[str, Array]:
         outputs = self.model.apply(variables, images, train=False, image_sizes=image_sizes)
-        detections = self.detections(outputs, tuple(images.shape[1:3]) if image_sizes is None else image_sizes)
+        clip_to = tuple(images.shape[1:3]) if image_sizes is None else image_sizes
+        detections = self.detections(outputs, clip_to, nms_scales)
         logits = self.model.apply(variables, outputs["features"], detections["boxes"], method="mask_outputs")
         channel = detections["classes"][:, :, None, None, None]  # output index (category ids come after)
         selected = jnp.take_along_axis(logits, jnp.broadcast_to(channel, logits.shape[:-1] + (1,)), axis=-1)[..., 0]
