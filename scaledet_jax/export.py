@@ -252,7 +252,9 @@ def main(argv: list[str]) -> None:
     from scaledet_jax.detector import Detector
 
     detector = Detector.from_checkpoint(FLAGS.workdir or FLAGS.init_from, config)
-    source_resize = detector.config.model.test_resize.style
+    from scaledet_jax.data.test_resize import style_of
+
+    source_resize = style_of(detector.config)
     if source_resize != "letterbox":
         print(
             f"export: note: the artifact letterboxes images as training does; the source's {source_resize!r} "
