@@ -54,10 +54,19 @@ class CocoEvaluator:
     COCOeval for ``bbox`` and, when masks were added, ``segm``."""
 
     def __init__(
-        self, annotation_json: str | None = None, with_masks: bool = False, ground_truth: dict | None = None
+        self,
+        annotation_json: str | None = None,
+        with_masks: bool = False,
+        ground_truth: dict | None = None,
+        plus_one_boxes: bool = False,
+        mask_paste: str = "torchvision",
     ) -> None:
         """``annotation_json``: the split's COCO json; ``ground_truth``: the same as a dict (tfds,
-        ``pipeline.tfds_ground_truth``); with neither, the ground truth is rebuilt from the batches."""
+        ``pipeline.tfds_ground_truth``); with neither, the ground truth is rebuilt from the batches.
+        ``plus_one_boxes`` (a converted mmdetection v1 model, ``detection.clip='plus_one'``): boxes map back
+        to the image by their inclusive corners and their COCO width is x2 - x1 + 1 there, as mmdetection
+        writes it; ``mask_paste``: ``'torchvision'`` (``ops.masks.paste_masks``) or ``'mmdet'``
+        (``paste_masks_mmdet``), as ``Detector.predict`` pastes."""
         self.annotation_json = annotation_json
         self.ground_truth = ground_truth
         self.with_masks = with_masks  # segm metrics and results, even when no detection has been made
@@ -66,6 +75,8 @@ class CocoEvaluator:
         self.detections: list[dict] = []
         self.segmentations: list[dict] = []
         self.category_ids: set[int] = set()
+        self.plus_one_boxes = plus_one_boxes
+        self.mask_paste = mask_paste
 
     def add_ground_truth(self, batch: dict[str, np.ndarray]) -> None:
         for i, image_id in enumerate(batch["image_id"]):
@@ -100,7 +111,12 @@ class CocoEvaluator:
                 continue
             valid = detections["valid"][i]
             height, width = (int(v) for v in batch["original_size"][i])
-            boxes = detections["boxes"][i][valid] / batch["scale"][i]
+            boxes = detections["boxes"][i][valid]
+            if self.plus_one_boxes:  # mmdetection's inclusive x2 = ours - 1 is what its scale factor divides
+                inclusive = np.array([0.0, 0.0, 1.0, 1.0])
+                boxes = (boxes - inclusive) / batch["scale"][i] + inclusive
+            else:
+                boxes = boxes / batch["scale"][i]
             boxes = np.clip(boxes, 0, [height, width, height, width])
             scores, classes = detections["scores"][i][valid], detections["classes"][i][valid]
             for box, score, cls in zip(_xywh(boxes), scores, classes, strict=True):
@@ -113,7 +129,8 @@ class CocoEvaluator:
                     }
                 )
             if "masks" in detections:
-                pasted = mask_ops.paste_masks(detections["masks"][i][valid], boxes, height, width)
+                paste = mask_ops.paste_masks_mmdet if self.mask_paste == "mmdet" else mask_ops.paste_masks
+                pasted = paste(detections["masks"][i][valid], boxes, height, width)
                 for rle, score, cls in zip(mask_ops.encode_masks(pasted), scores, classes, strict=True):
                     self.segmentations.append(
                         {

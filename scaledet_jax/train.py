@@ -566,8 +566,13 @@ class Run:
 
             evaluator = VocEvaluator.from_config(self.config, json_path, ground_truth=self._ground_truth)
         else:
+            d = self.config.model.detection
             evaluator = CocoEvaluator(
-                json_path, with_masks=self.config.model.name == "mask_rcnn", ground_truth=self._ground_truth
+                json_path,
+                with_masks=self.config.model.name == "mask_rcnn",
+                ground_truth=self._ground_truth,
+                plus_one_boxes=d.get("clip", "image") == "plus_one",
+                mask_paste=d.get("mask_paste", "torchvision"),
             )
         start = time.perf_counter()
         for batch in pipeline.eval_batches(

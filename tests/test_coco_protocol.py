@@ -102,3 +102,21 @@ def test_no_detections_give_zero_where_defined_and_undefined_elsewhere(evaluatio
         evaluator.add_ground_truth(batch)
     metrics = evaluator.evaluate()
     assert metrics["AP"] == 0.0 and metrics["AR100"] == 0.0 and np.isnan(metrics["APl"])
+
+
+def test_plus_one_boxes_map_back_and_measure_as_mmdetection_writes_them():
+    """A converted mmdetection v1 model's "+1" box (exclusive corners here) at scale 0.5: mmdetection divides its
+    inclusive corners (x1 20 -> 40, x2 41 - 1 = 40 -> 80) and writes w = x2 - x1 + 1 = 41; plain boxes give 42."""
+    batch = {"image_id": np.array([1]), "original_size": np.array([[200, 300]]), "scale": np.array([0.5])}
+    detections = {
+        "boxes": np.array([[[10.0, 20.0, 31.0, 41.0]]]),
+        "scores": np.array([[0.9]]),
+        "classes": np.array([[1]]),
+        "valid": np.array([[True]]),
+    }
+    mmdet = CocoEvaluator(plus_one_boxes=True)
+    mmdet.add_detections(batch, detections)
+    plain = CocoEvaluator()
+    plain.add_detections(batch, detections)
+    assert mmdet.detections[0]["bbox"] == [40.0, 20.0, 41.0, 41.0]
+    assert plain.detections[0]["bbox"] == [40.0, 20.0, 42.0, 42.0]
